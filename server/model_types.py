@@ -1,0 +1,102 @@
+"""Typed, validated model configuration (the parts kiln acts on).
+
+config.py turns a config.pbtxt into these; the batcher, runtimes and service
+read only these, never the raw protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """One input or output. `dims` excludes the batch dimension when the model batches."""
+
+    name: str
+    datatype: str  # v2 name: FP32, INT64, BYTES, ...
+    dims: tuple[int, ...]  # -1 marks a variable dimension
+    optional: bool = False
+
+
+class TimeoutAction(enum.Enum):
+    REJECT = "REJECT"
+    DELAY = "DELAY"
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy. 0 means 'no limit' for both size and timeout."""
+
+    timeout_action: TimeoutAction = TimeoutAction.REJECT
+    default_timeout_microseconds: int = 0
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0
+
+
+@dataclass(frozen=True)
+class DynamicBatchingConfig:
+    preferred_batch_size: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0  # 0: priorities disabled (one level)
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = field(default_factory=QueuePolicy)
+    priority_queue_policy: dict[int, QueuePolicy] = field(default_factory=dict)
+
+    def policy_for(self, level: int) -> QueuePolicy:
+        return self.priority_queue_policy.get(level, self.default_queue_policy)
+
+
+@dataclass(frozen=True)
+class InstanceGroupConfig:
+    count: int = 1
+    kind: str = "KIND_AUTO"  # KIND_AUTO | KIND_CPU | KIND_GPU | KIND_MODEL
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk are served: latest(n), all, or specific ones."""
+
+    kind: str = "latest"  # latest | all | specific
+    latest_num_versions: int = 1
+    specific_versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.specific_versions]
+        return ordered[-self.latest_num_versions:] if ordered else []
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    platform: str  # onnxruntime_onnx | tensorrt_plan | torch_aoti
+    max_batch_size: int
+    inputs: tuple[TensorConfig, ...]
+    outputs: tuple[TensorConfig, ...]
+    dynamic_batching: DynamicBatchingConfig | None = None
+    instance_group: InstanceGroupConfig = field(default_factory=InstanceGroupConfig)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    parameters: dict[str, str] = field(default_factory=dict)
+    default_model_filename: str = ""
+    # Execution accelerators asked for in optimization.execution_accelerators, e.g. ("tensorrt",).
+    gpu_accelerators: tuple[str, ...] = ()
+    cpu_accelerators: tuple[str, ...] = ()
+    execution_timeout_microseconds: int = 0  # 0: no limit
+
+    @property
+    def batching(self) -> bool:
+        """True when dimension 0 of every tensor is the batch dimension."""
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.outputs if t.name == name), None)

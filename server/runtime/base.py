@@ -1,0 +1,49 @@
+"""The one small interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from server.model_types import ModelConfig
+
+
+class RuntimeLoadError(Exception):
+    """A model file could not be loaded; the message says why and what to do."""
+
+
+class RuntimeExecutionError(Exception):
+    """The backend failed while executing a batch."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the model file declares it: full shape, batch dim included, -1 where dynamic."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class Runtime(Protocol):
+    """A loaded model version ready to execute batches.
+
+    `infer` is called from instance threads, possibly concurrently (one call per
+    instance); it must release the GIL while computing and be thread-safe.
+    """
+
+    inputs: Sequence[TensorInfo]
+    outputs: Sequence[TensorInfo]
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class RuntimeFactory(Protocol):
+    def __call__(self, model_file: Path, config: ModelConfig) -> Runtime: ...
