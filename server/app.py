@@ -1,0 +1,148 @@
+"""Process wiring: the gRPC server, the metrics endpoint, signals and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import start_http_server
+
+from server.dataplane import DataPlane
+from server.health import HealthService
+from server.metrics import get_metrics
+from server.protocol import grpc_service_pb2 as pb
+from server.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.protocol._pool import POOL
+from server.repository import ControlMode, ModelRepository
+from server.service import InferenceService
+
+log = logging.getLogger("kiln.app")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    model_repository: Path = Path("model_repo")
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_host: str | None = None  # None: same as host
+    metrics_port: int | None = 8002  # None: no metrics endpoint
+    control_mode: ControlMode = ControlMode.NONE
+    load_models: tuple[str, ...] = ()
+    poll_secs: float = 15.0
+    strict_readiness: bool = True
+    grace_period_s: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    extra_options: list = field(default_factory=list)
+
+
+def _reflection_pool():
+    """Our private pool plus the health and reflection protocols, so reflection can describe all three."""
+    for module in (health_pb2, reflection_pb2):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return POOL
+
+
+class KilnServer:
+    """A running kiln: call start(), then wait_closed(); stop() drains and exits."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(
+            settings.model_repository,
+            control_mode=settings.control_mode,
+            startup_models=settings.load_models,
+            poll_interval_s=settings.poll_secs,
+            drain_timeout_s=settings.grace_period_s,
+        )
+        self.dataplane = DataPlane(self.repository, strict_readiness=settings.strict_readiness)
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Task | None = None
+
+    async def start(self, load_models: bool = True) -> None:
+        settings = self.settings
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            *settings.extra_options,
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.dataplane), server)
+        self.health = HealthService(self.dataplane)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        service_names = (
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(service_names, server, pool=_reflection_pool())
+        address = f"{settings.host}:{settings.grpc_port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.grpc_port = port
+        get_metrics()
+        if settings.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(
+                settings.metrics_port, addr=settings.metrics_host or settings.host
+            )
+            self.metrics_port = self._metrics_http.server_port
+        await server.start()
+        self._server = server
+        log.info(
+            "kiln serving %s on %s:%s (metrics on port %s), control mode %s",
+            settings.model_repository, settings.host, port, self.metrics_port, settings.control_mode.value,
+        )
+        if load_models:
+            await self.repository.start()
+            self.health.notify()
+            log.info("server ready: %s", self.dataplane.ready())
+
+    def stop_soon(self) -> None:
+        """Begin a graceful stop (signal handlers call this); idempotent."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self.stop())
+
+    async def stop(self) -> None:
+        """Refuse new work at once, let accepted requests finish within the grace period, then close."""
+        if self._stopped.is_set():
+            return
+        log.info("shutting down: draining for up to %.0f s", self.settings.grace_period_s)
+        self.dataplane.shutting_down = True
+        self.health.notify()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_period_s)
+        await self.repository.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGINT/SIGTERM, then drain and return."""
+    server = KilnServer(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, server.stop_soon)
+    await server.start()
+    await server.wait_closed()

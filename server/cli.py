@@ -1,0 +1,122 @@
+"""The `kiln` command: serve a model repository, send a request, list models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings, serve
+from server.logs import configure_logging
+from server.repository import ControlMode
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (KServe v2 / Triton protocol)",
+        description="Serve every model of a repository over the KServe v2 / Triton gRPC protocol, "
+        "with Prometheus metrics on a separate port. Ctrl-C or SIGTERM drains and stops.",
+    )
+    p.add_argument("--model-repository", type=Path, default=Path("model_repo"), help="repository folder (default: model_repo)")
+    p.add_argument("--host", default="127.0.0.1", help="address for the gRPC port (default: 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: 8001)")
+    p.add_argument("--metrics-host", default=None, help="address for the metrics port (default: --host)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (default: 8002; -1 disables)")
+    p.add_argument(
+        "--model-control-mode", choices=[m.value for m in ControlMode], default="none",
+        help="none: load all at start; explicit: load/unload over gRPC; poll: follow the repository on disk",
+    )
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="model to load at start in explicit mode (repeatable)")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll interval in poll mode (default: 15)")
+    p.add_argument("--strict-readiness", type=_bool, default=True, help="ServerReady only when every start-up model is ready (default: true)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS", help="how long shutdown waits for accepted requests (default: 30)")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message accepted (default: 64 MiB)")
+    p.add_argument("--log-format", choices=["plain", "json"], default="plain", help="log line format (default: plain)")
+    p.add_argument("--log-level", default="INFO", help="log level (default: INFO)")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args) -> int:
+    configure_logging(args.log_format, args.log_level.upper())
+    if not args.model_repository.is_dir():
+        print(f"kiln serve: model repository '{args.model_repository}' is not a directory", file=sys.stderr)
+        return 2
+    settings = ServerSettings(
+        model_repository=args.model_repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        control_mode=ControlMode(args.model_control_mode),
+        load_models=tuple(args.load_model),
+        poll_secs=args.repository_poll_secs,
+        strict_readiness=args.strict_readiness,
+        grace_period_s=args.grace_period,
+        max_message_bytes=args.max_message_bytes,
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _add_client_commands(sub) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="send one inference request to a running server and print the outputs",
+        description="Send one ModelInfer request. Inputs come from .npy files (--input NAME=FILE.npy) "
+        "or, when omitted, are random values of the model's declared shape (batch 1).",
+    )
+    p.add_argument("model", help="model name")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default: 127.0.0.1:8001)")
+    p.add_argument("--model-version", default="", help="version (default: latest ready)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input tensor from a .npy file (repeatable)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows of random input when no file is given (default: 1)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default: 30)")
+    p.set_defaults(handler=_infer)
+
+    p = sub.add_parser(
+        "models",
+        help="list the repository index of a running server",
+        description="Print every model of a running server's repository with its version, state and failure reason.",
+    )
+    p.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default: 127.0.0.1:8001)")
+    p.set_defaults(handler=_models)
+
+
+def _infer(args) -> int:
+    from server.client import infer_command
+
+    return infer_command(args)
+
+
+def _models(args) -> int:
+    from server.client import models_command
+
+    return models_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="kiln: an inference server for ONNX, TensorRT and AOTInductor models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_client_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The client side of `kiln infer` and `kiln models`, over the project's own generated stubs."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import numpy as np
+
+from server.codec import serialize_bytes
+from server.datatypes import NUMPY_DTYPES, numpy_to_datatype
+from server.protocol import grpc_service_pb2 as pb
+from server.protocol import grpc_service_pb2_grpc as pb_grpc
+
+
+def connect(url: str) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
+
+
+def random_input(datatype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Valid random values of a v2 datatype."""
+    if datatype == "BYTES":
+        return np.array([b"kiln"] * int(np.prod(shape)), dtype=object).reshape(shape)
+    dtype = NUMPY_DTYPES[datatype]
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(dtype)
+    return rng.integers(0, 10, shape).astype(dtype)
+
+
+def build_request(model: str, arrays: dict[str, np.ndarray], version: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in arrays.items():
+        datatype = numpy_to_datatype(array.dtype)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        raw = serialize_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def response_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    from server.codec import deserialize_bytes
+
+    arrays = {}
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        shape = tuple(output.shape)
+        if output.datatype == "BYTES":
+            arrays[output.name] = deserialize_bytes(output.name, raw, int(np.prod(shape))).reshape(shape)
+        else:
+            arrays[output.name] = np.frombuffer(raw, dtype=NUMPY_DTYPES[output.datatype]).reshape(shape)
+    return arrays
+
+
+def infer_command(args) -> int:
+    stub = connect(args.url)
+    try:
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout)
+        files = dict(item.split("=", 1) for item in args.input)
+        rng = np.random.default_rng()
+        arrays = {}
+        for tensor in meta.inputs:
+            if tensor.name in files:
+                arrays[tensor.name] = np.load(files.pop(tensor.name), allow_pickle=False)
+            else:
+                shape = [args.batch_size if (i == 0 and d == -1) else (d if d > 0 else 1) for i, d in enumerate(tensor.shape)]
+                arrays[tensor.name] = random_input(tensor.datatype, shape, rng)
+        if files:
+            print(f"kiln infer: model '{args.model}' has no input(s) {sorted(files)}", file=sys.stderr)
+            return 2
+        response = stub.ModelInfer(build_request(args.model, arrays, args.model_version), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"kiln infer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"model {response.model_name} version {response.model_version}")
+    with np.printoptions(precision=5, suppress=True, threshold=64):
+        for name, array in response_arrays(response).items():
+            print(f"{name} {array.dtype} {list(array.shape)}:\n{array}")
+    return 0
+
+
+def models_command(args) -> int:
+    stub = connect(args.url)
+    try:
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        print(f"kiln models: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    rows = [("MODEL", "VERSION", "STATE", "REASON")] + [(m.name, m.version or "-", m.state, m.reason) for m in index.models]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + ("  " + row[3] if row[3] else ""))
+    return 0

@@ -1,0 +1,240 @@
+"""Tensors <-> protobuf: decode and validate a ModelInferRequest, encode a response.
+
+Raw contents are wrapped with np.frombuffer (no copy); typed contents are
+converted once. Every rejection names the tensor, what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from server.datatypes import NUMPY_DTYPES
+from server.errors import invalid_argument
+from server.model_types import ModelConfig, TensorConfig
+
+# v2 datatype -> the InferTensorContents field that carries it when typed
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP16": "fp32_contents",  # the protocol has no fp16 field; FP16 values travel as fp32
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+# Request parameters kiln acts on; anything else a v2 client may send is accepted and ignored.
+_SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+@dataclass(frozen=True)
+class InferParameters:
+    priority: int = 0
+    timeout_us: int | None = None
+
+
+def _shape_text(datatype: str, shape: Iterable[int]) -> str:
+    return f"{datatype} [{','.join(str(d) for d in shape)}]"
+
+
+def expected_shape(config: ModelConfig, tensor: TensorConfig) -> tuple[int, ...]:
+    return ((-1,) if config.batching else ()) + tensor.dims
+
+
+def decode_inputs(request, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Validate the request's inputs against the config and return them as arrays."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid_argument(
+            f"model '{config.name}': {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
+            "send raw contents for every input or for none"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    batch_rows: int | None = None
+    for index, tensor in enumerate(request.inputs):
+        spec = config.input(tensor.name)
+        if spec is None:
+            raise invalid_argument(
+                f"model '{config.name}' has no input '{tensor.name}'; expected {[t.name for t in config.inputs]}"
+            )
+        if tensor.name in arrays:
+            raise invalid_argument(f"input '{tensor.name}' appears more than once")
+        for key in _SHARED_MEMORY_KEYS:
+            if key in tensor.parameters:
+                raise invalid_argument(f"input '{tensor.name}': shared memory inputs are not supported")
+        shape = tuple(tensor.shape)
+        _check_type_and_shape(config, spec, tensor.datatype, shape)
+        if raw:
+            array = _from_raw(spec, shape, raw[index])
+        else:
+            array = _from_typed(spec, shape, tensor)
+        if config.batching:
+            if batch_rows is None:
+                batch_rows = shape[0]
+            elif shape[0] != batch_rows:
+                raise invalid_argument(
+                    f"input '{tensor.name}' has batch size {shape[0]} but other inputs have {batch_rows}"
+                )
+        arrays[tensor.name] = array
+    missing = [t.name for t in config.inputs if t.name not in arrays and not t.optional]
+    if missing:
+        raise invalid_argument(f"model '{config.name}': missing input {', '.join(repr(m) for m in missing)}")
+    return arrays
+
+
+def _check_type_and_shape(config: ModelConfig, spec: TensorConfig, datatype: str, shape: tuple[int, ...]) -> None:
+    expected = expected_shape(config, spec)
+    if datatype != spec.datatype or len(shape) != len(expected) or any(
+        e != -1 and e != s for e, s in zip(expected, shape)
+    ) or any(s < 0 for s in shape):
+        raise invalid_argument(
+            f"input '{spec.name}': expected {_shape_text(spec.datatype, expected)}, "
+            f"got {_shape_text(datatype, shape)}"
+        )
+    if config.batching:
+        if shape[0] < 1:
+            raise invalid_argument(f"input '{spec.name}': batch size must be at least 1, got {shape[0]}")
+        if shape[0] > config.max_batch_size:
+            raise invalid_argument(
+                f"input '{spec.name}': batch size {shape[0]} exceeds max_batch_size {config.max_batch_size} "
+                f"of model '{config.name}'"
+            )
+
+
+def _element_count(name: str, shape: tuple[int, ...]) -> int:
+    count = math.prod(shape)
+    if count > 1 << 40:
+        raise invalid_argument(f"input '{name}': shape {list(shape)} is too large")
+    return count
+
+
+def _from_raw(spec: TensorConfig, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    count = _element_count(spec.name, shape)
+    if spec.datatype == "BYTES":
+        return deserialize_bytes(spec.name, data, count).reshape(shape)
+    dtype = NUMPY_DTYPES[spec.datatype]
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise invalid_argument(
+            f"input '{spec.name}': expected {expected} bytes of raw contents for "
+            f"{_shape_text(spec.datatype, shape)}, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _from_typed(spec: TensorConfig, shape: tuple[int, ...], tensor) -> np.ndarray:
+    count = _element_count(spec.name, shape)
+    values = getattr(tensor.contents, TYPED_FIELDS[spec.datatype])
+    if len(values) != count:
+        raise invalid_argument(
+            f"input '{spec.name}': expected {count} values in contents.{TYPED_FIELDS[spec.datatype]} "
+            f"for {_shape_text(spec.datatype, shape)}, got {len(values)}"
+        )
+    if spec.datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    dtype = NUMPY_DTYPES[spec.datatype]
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        source = np.array(values, dtype=np.int64 if dtype != np.uint64 else np.uint64)
+        if count and (source.min() < info.min or source.max() > info.max):
+            raise invalid_argument(f"input '{spec.name}': values out of range for {spec.datatype}")
+        return source.astype(dtype).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def deserialize_bytes(name: str, data: bytes, count: int) -> np.ndarray:
+    """The v2 raw BYTES layout: each element is a 4-byte little-endian length, then the bytes."""
+    out = np.empty(count, dtype=object)
+    offset = 0
+    view = memoryview(data)
+    for i in range(count):
+        if offset + 4 > len(data):
+            raise invalid_argument(f"input '{name}': raw BYTES contents end inside element {i}'s length prefix")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise invalid_argument(
+                f"input '{name}': raw BYTES element {i} declares {length} bytes but only {len(data) - offset} remain"
+            )
+        out[i] = bytes(view[offset:offset + length])
+        offset += length
+    if offset != len(data):
+        raise invalid_argument(
+            f"input '{name}': {len(data) - offset} bytes left over after {count} BYTES elements"
+        )
+    return out
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        value = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def parse_parameters(parameters: Mapping) -> InferParameters:
+    """The request-level parameters that change scheduling: priority and timeout (microseconds)."""
+    priority = 0
+    timeout_us = None
+    if "priority" in parameters:
+        priority = _non_negative_int(parameters["priority"], "priority")
+    if "timeout" in parameters:
+        timeout_us = _non_negative_int(parameters["timeout"], "timeout")
+    return InferParameters(priority=priority, timeout_us=timeout_us)
+
+
+def _non_negative_int(parameter, name: str) -> int:
+    choice = parameter.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise invalid_argument(f"parameter '{name}' must be an integer, got {choice or 'nothing'}")
+    value = getattr(parameter, choice)
+    if value < 0:
+        raise invalid_argument(f"parameter '{name}' must be >= 0, got {value}")
+    return value
+
+
+def encode_outputs(response, outputs: Mapping[str, np.ndarray], config: ModelConfig) -> None:
+    """Append outputs as raw_output_contents (one copy: array -> bytes)."""
+    for name, array in outputs.items():
+        spec = config.output(name)
+        datatype = spec.datatype if spec is not None else "BYTES"
+        entry = response.outputs.add(name=name, datatype=datatype)
+        entry.shape.extend(array.shape)
+        if datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes(array))
+        else:
+            wanted = NUMPY_DTYPES[datatype]
+            if array.dtype != wanted:
+                array = array.astype(wanted)
+            response.raw_output_contents.append(array.tobytes())
+
+
+def requested_outputs(request, config: ModelConfig) -> list[str]:
+    """Names of the outputs to return: those asked for, or all of them."""
+    if not request.outputs:
+        return [o.name for o in config.outputs]
+    names = []
+    for output in request.outputs:
+        if config.output(output.name) is None:
+            raise invalid_argument(
+                f"model '{config.name}' has no output '{output.name}'; expected {[o.name for o in config.outputs]}"
+            )
+        if "shared_memory_region" in output.parameters:
+            raise invalid_argument(f"output '{output.name}': shared memory outputs are not supported")
+        names.append(output.name)
+    return names

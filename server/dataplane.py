@@ -1,0 +1,61 @@
+"""The transport-free inference path: route, schedule, record.
+
+service.py (gRPC) converts messages and calls this; an HTTP front end would too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Mapping
+
+import numpy as np
+
+from server.codec import InferParameters
+from server.errors import KilnError, Status, unavailable
+from server.repository import ModelRepository, ModelVersion
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, strict_readiness: bool = True) -> None:
+        self.repository = repository
+        self.strict_readiness = strict_readiness
+        self.shutting_down = False
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        if self.shutting_down:
+            return False
+        return self.repository.is_startup_ready() if self.strict_readiness else True
+
+    def model(self, name: str, version: str = "") -> ModelVersion:
+        if self.shutting_down:
+            raise unavailable("server is shutting down")
+        return self.repository.get(name, version)
+
+    async def infer(
+        self,
+        model: ModelVersion,
+        inputs: Mapping[str, np.ndarray],
+        output_names: list[str],
+        parameters: InferParameters,
+        deadline: float | None,
+        started_ns: int,
+    ) -> dict[str, np.ndarray]:
+        """Schedule one request on `model`, record its statistics, return the selected outputs."""
+        try:
+            outputs, timings = await model.scheduler.submit(
+                dict(inputs), priority=parameters.priority, timeout_us=parameters.timeout_us, deadline=deadline
+            )
+        except KilnError as exc:
+            model.stats.record_failure(exc.status, time.perf_counter_ns() - started_ns)
+            raise
+        except asyncio.CancelledError:
+            model.stats.record_failure(Status.CANCELLED, time.perf_counter_ns() - started_ns)
+            raise
+        model.stats.record_success(timings, time.perf_counter_ns() - started_ns)
+        if len(output_names) == len(outputs):
+            return outputs
+        return {name: outputs[name] for name in output_names}

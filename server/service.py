@@ -1,0 +1,218 @@
+"""The gRPC servicer of the v2 / Triton inference protocol: convert messages, call the data plane.
+
+Errors are KilnError everywhere below this layer; `grpc_errors` maps them to
+gRPC status codes once, for every RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from server import __version__, codec
+from server.dataplane import DataPlane
+from server.errors import KilnError, Status, internal
+from server.protocol import grpc_service_pb2 as pb
+from server.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.repository import ControlMode, ModelVersion
+
+log = logging.getLogger("kiln.service")
+
+GRPC_CODES = {status: getattr(grpc.StatusCode, status.name) for status in Status}
+
+SERVER_EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+
+
+def grpc_errors(method):
+    """Map KilnError to its gRPC status; anything unexpected becomes INTERNAL and is logged."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except KilnError as exc:
+            await context.abort(GRPC_CODES[exc.status], exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    return wrapper
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+        self.repository = dataplane.repository
+
+    # ---- health and metadata ----------------------------------------------------------------
+
+    @grpc_errors
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    @grpc_errors
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    @grpc_errors
+    async def ModelReady(self, request, context):
+        try:
+            self.dataplane.model(request.name, request.version)
+        except KilnError as exc:
+            if exc.status is Status.UNAVAILABLE:
+                return pb.ModelReadyResponse(ready=False)
+            raise
+        return pb.ModelReadyResponse(ready=True)
+
+    @grpc_errors
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="kiln", version=__version__, extensions=SERVER_EXTENSIONS)
+
+    @grpc_errors
+    async def ModelMetadata(self, request, context):
+        model = self.dataplane.model(request.name, request.version)
+        config = model.config
+        entry = self.repository.models[model.name]
+        response = pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in sorted(entry.versions)],
+            platform=config.platform,
+        )
+        for tensors, target in ((config.inputs, response.inputs), (config.outputs, response.outputs)):
+            for tensor in tensors:
+                target.add(name=tensor.name, datatype=tensor.datatype, shape=codec.expected_shape(config, tensor))
+        return response
+
+    @grpc_errors
+    async def ModelConfig(self, request, context):
+        model = self.dataplane.model(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.config_proto)
+
+    @grpc_errors
+    async def ModelStatistics(self, request, context):
+        response = pb.ModelStatisticsResponse()
+        if request.name:
+            models = [self.repository.models.get(request.name)]
+            if models[0] is None or not models[0].versions:
+                self.dataplane.model(request.name, request.version)  # raises the right error
+        else:
+            models = list(self.repository.models.values())
+        for entry in models:
+            versions = sorted(entry.versions.values(), key=lambda v: v.version)
+            if request.version:
+                versions = [self.dataplane.model(entry.name, request.version)]
+            for version in versions:
+                version.stats.fill(response.model_stats.add())
+        return response
+
+    # ---- inference --------------------------------------------------------------------------
+
+    async def _infer(self, request, deadline: float | None) -> pb.ModelInferResponse:
+        started = time.perf_counter_ns()
+        model: ModelVersion = self.dataplane.model(request.model_name, request.model_version)
+        try:
+            inputs = codec.decode_inputs(request, model.config)
+            output_names = codec.requested_outputs(request, model.config)
+            parameters = codec.parse_parameters(request.parameters)
+        except KilnError as exc:
+            model.stats.record_failure(exc.status, time.perf_counter_ns() - started)
+            raise
+        outputs = await self.dataplane.infer(model, inputs, output_names, parameters, deadline, started)
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version_str, id=request.id)
+        codec.encode_outputs(response, outputs, model.config)
+        return response
+
+    @grpc_errors
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, _deadline(context))
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of a stream run concurrently (so they can batch); each answer, or error, is sent as it is ready."""
+        deadline = _deadline(context)
+        answers: asyncio.Queue = asyncio.Queue()
+        pending: set[asyncio.Task] = set()
+
+        async def answer(request) -> None:
+            try:
+                response = await self._infer(request, deadline)
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except KilnError as exc:
+                answers.put_nowait(_stream_error(request, exc))
+            except Exception as exc:  # never let one request end the stream
+                log.exception("unexpected error in a streamed request")
+                answers.put_nowait(_stream_error(request, internal(f"internal error: {exc}")))
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                await asyncio.gather(*list(pending))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    # ---- repository -------------------------------------------------------------------------
+
+    @grpc_errors
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for row in self.repository.index(ready_only=request.ready):
+            response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+        return response
+
+    def _require_explicit(self, action: str) -> None:
+        if self.repository.control_mode is not ControlMode.EXPLICIT:
+            raise KilnError(
+                Status.FAILED_PRECONDITION,
+                f"cannot {action} models in '{self.repository.control_mode.value}' control mode; "
+                "start the server with --model-control-mode explicit",
+            )
+
+    @grpc_errors
+    async def RepositoryModelLoad(self, request, context):
+        self._require_explicit("load")
+        if request.parameters:
+            raise KilnError(
+                Status.INVALID_ARGUMENT,
+                f"load parameters {sorted(request.parameters)} are not supported; put the config in the repository",
+            )
+        await self.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    async def RepositoryModelUnload(self, request, context):
+        self._require_explicit("unload")
+        await self.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _stream_error(request, exc: KilnError) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=f"[{exc.status.name}] {exc.message}",
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
