@@ -1,0 +1,692 @@
+"""The dynamic batcher: one Scheduler per loaded model version.
+
+Shape of the thing (after Ray Serve's ``_BatchQueue`` and Triton core's
+``GetDynamicBatch``):
+
+* ``submit()`` validates the request at the door (rows, priority, queue size),
+  puts it in its priority level's queue and awaits a future.
+* The batching decision is a pure function, :func:`next_action`: from the
+  queued requests (in priority order), a monotonic ``now`` and the policy it
+  answers ``Dispatch(requests)`` or ``Wait(seconds)``.  Property tests drive
+  it directly.
+* ``_pump()`` applies that decision.  It is event driven, never polling: it
+  runs when a request arrives (inline, so a lone request on an idle instance
+  is dispatched without an extra event-loop hop), when an instance frees up,
+  and from one ``loop.call_at`` timer armed for the earliest of "the oldest
+  request has waited max_queue_delay" and "the next queue timeout/deadline".
+* Batches run on a ThreadPoolExecutor with ``instance_count`` threads; a
+  free-instance counter owned by the event loop keeps at most that many
+  batches in flight.  Concatenation, ``execute`` and the split into per-request
+  row-range views all happen on the instance thread; one
+  ``call_soon_threadsafe`` hands the results back to the loop.
+
+Everything except the instance-thread body runs on the event loop thread, so
+no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Hashable, Iterable, Sequence
+
+import numpy as np
+
+from server.errors import KilnError, Status
+from server.model_types import DynamicBatchingConfig, TimeoutAction
+
+__all__ = [
+    "BatchPolicy",
+    "Dispatch",
+    "ExecutionRecord",
+    "Pending",
+    "RequestTimings",
+    "Scheduler",
+    "Wait",
+    "next_action",
+]
+
+_log = logging.getLogger(__name__)
+_perf_ns = time.perf_counter_ns
+
+
+# --------------------------------------------------------------------------- #
+# Public records
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimings:
+    """Per request, nanoseconds (perf_counter_ns)."""
+
+    queue_ns: int  # submit -> batch picked for execution
+    compute_input_ns: int  # concatenating the batch's inputs
+    compute_infer_ns: int  # the execute() call
+    compute_output_ns: int  # splitting outputs back to requests
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """Per successfully executed batch, passed to ``on_execution``."""
+
+    rows: int
+    requests: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+
+
+# --------------------------------------------------------------------------- #
+# The pure batching decision
+# --------------------------------------------------------------------------- #
+
+# Request states
+_QUEUED = 0
+_RUNNING = 1
+_DONE = 2  # has an outcome (result or error), maybe not yet released (preserve_ordering)
+
+
+class Pending:
+    """One accepted request.  :func:`next_action` reads only ``rows``, ``key``,
+    ``level`` and ``arrival``; the rest is the scheduler's bookkeeping."""
+
+    __slots__ = (
+        "rows", "key", "level", "arrival", "seq", "inputs", "future",
+        "submit_ns", "state", "queue", "outcome",
+    )
+
+    def __init__(
+        self,
+        rows: int,
+        key: Hashable,
+        level: int = 1,
+        arrival: float = 0.0,
+        seq: int = 0,
+        inputs: dict[str, np.ndarray] | None = None,
+        future: asyncio.Future | None = None,
+        submit_ns: int = 0,
+    ) -> None:
+        self.rows = rows
+        self.key = key
+        self.level = level
+        self.arrival = arrival
+        self.seq = seq
+        self.inputs = inputs
+        self.future = future
+        self.submit_ns = submit_ns
+        self.state = _QUEUED
+        self.queue: OrderedDict[int, Pending] | None = None
+        self.outcome: Any = None
+
+    def __repr__(self) -> str:
+        return (f"Pending(seq={self.seq}, rows={self.rows}, level={self.level}, "
+                f"key={self.key!r}, arrival={self.arrival:.6f})")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """What :func:`next_action` needs to know about the model."""
+
+    batching: bool  # False: every request is its own batch, in queue order
+    max_batch_size: int = 0
+    preferred_batch_sizes: frozenset[int] = frozenset()
+    max_queue_delay_s: float = 0.0
+
+    @property
+    def max_preferred(self) -> int:
+        return max(self.preferred_batch_sizes, default=self.max_batch_size)
+
+    @classmethod
+    def from_config(cls, max_batch_size: int,
+                    batching: DynamicBatchingConfig | None) -> "BatchPolicy":
+        if max_batch_size <= 0 or batching is None:
+            return cls(batching=False, max_batch_size=max(max_batch_size, 0))
+        preferred = frozenset(p for p in batching.preferred_batch_size
+                              if 0 < p <= max_batch_size)
+        return cls(
+            batching=True,
+            max_batch_size=max_batch_size,
+            preferred_batch_sizes=preferred,
+            max_queue_delay_s=max(batching.max_queue_delay_microseconds, 0) / 1e6,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Execute these requests now, as one batch."""
+
+    requests: tuple[Pending, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Dispatch nothing; decide again after ``seconds`` (None: only when
+    something changes - an arrival or a free instance)."""
+
+    seconds: float | None
+
+
+_IDLE = Wait(None)
+
+
+def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
+                free_instances: int) -> Dispatch | Wait:
+    """The batching decision.  Pure: reads its arguments, changes nothing.
+
+    ``pending`` are the queued requests in priority order: level 1 first;
+    within a level, requests whose DELAY timeout passed come after the others;
+    otherwise arrival order.  ``now`` is on the same clock as ``arrival``.
+
+    The candidate batch starts at the head (the most urgent request) and takes
+    the following requests of the same shape key, in order, while the rows fit
+    in max_batch_size.  A request of another shape is skipped (it will head a
+    later batch), but once one is skipped no request of a *lower* priority level
+    joins: nothing executes ahead of a more urgent request it does not share a
+    batch with.  A compatible request that does not fit closes the batch.
+
+    Then, as Triton does:
+      * a preferred batch size among the candidate's prefixes and the oldest
+        member's delay not yet exceeded -> dispatch the largest such prefix;
+      * the batch is full, or has reached the largest preferred size, or the
+        oldest member has waited max_queue_delay, or no delay is configured
+        -> dispatch the whole candidate;
+      * otherwise wait for the rest of the oldest member's delay.
+    """
+    if free_instances <= 0:
+        return _IDLE
+    it = iter(pending)
+    head = next(it, None)
+    if head is None:
+        return _IDLE
+    if not policy.batching:
+        return Dispatch((head,))
+
+    mbs = policy.max_batch_size
+    preferred = policy.preferred_batch_sizes
+    key = head.key
+    batch = [head]
+    rows = head.rows
+    oldest = head.arrival
+    best = 1 if rows in preferred else 0
+    full = rows >= mbs
+    if not full:
+        cut_level = None
+        for e in it:
+            if cut_level is not None and e.level > cut_level:
+                break
+            if e.key != key:
+                if cut_level is None:
+                    cut_level = e.level
+                continue
+            if rows + e.rows > mbs:
+                full = True
+                break
+            batch.append(e)
+            rows += e.rows
+            if e.arrival < oldest:
+                oldest = e.arrival
+            if rows in preferred:
+                best = len(batch)
+            if rows >= mbs:
+                full = True
+                break
+
+    delay = policy.max_queue_delay_s
+    exceeded = delay > 0 and now - oldest >= delay
+    if best and not exceeded:
+        return Dispatch(tuple(batch[:best]))
+    if full or exceeded or delay <= 0 or rows >= policy.max_preferred:
+        return Dispatch(tuple(batch))
+    return Wait(oldest + delay - now)
+
+
+# --------------------------------------------------------------------------- #
+# The scheduler
+# --------------------------------------------------------------------------- #
+
+_REJECT = 0  # heap entry kinds
+_DEMOTE = 1
+
+
+def _deadline_error(model: str, why: str) -> KilnError:
+    return KilnError(Status.DEADLINE_EXCEEDED, f"request for model '{model}' {why}")
+
+
+class Scheduler:
+    """Queues requests for one model version, forms batches, runs them on a
+    pool of ``instance_count`` threads and hands each request its rows back."""
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        max_batch_size: int,
+        batching: DynamicBatchingConfig | None,
+        instance_count: int,
+        execute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        on_execution: Callable[[ExecutionRecord], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if instance_count < 1:
+            raise ValueError(f"model '{model_name}': instance_count must be >= 1, got {instance_count}")
+        self.model_name = model_name
+        self._mbs = max(max_batch_size, 0)
+        self._execute = execute
+        self._on_execution = on_execution
+        self._clock = clock
+        self._instances = instance_count
+        self._policy = BatchPolicy.from_config(max_batch_size, batching)
+        self._batching = self._policy.batching
+
+        # Priority levels (only with dynamic batching): index 1..levels.
+        if self._batching:
+            assert batching is not None
+            levels = batching.priority_levels
+            if levels < 0:
+                raise ValueError(f"model '{model_name}': priority_levels must be >= 0, got {levels}")
+            default = batching.default_priority_level
+            if levels > 0 and not 1 <= default <= levels:
+                raise ValueError(
+                    f"model '{model_name}': default_priority_level must be in [1, {levels}], got {default}")
+            self._max_priority = levels
+            self._levels = max(levels, 1)
+            self._default_level = default if levels > 0 else 1
+            policies = [batching.policy_for(lvl) for lvl in range(1, self._levels + 1)]
+            self._preserve = batching.preserve_ordering
+        else:
+            self._max_priority = 0
+            self._levels = 1
+            self._default_level = 1
+            policies = []
+            self._preserve = False
+        # Per level (index level-1): max size (0 = unbounded), timeout (s), action, override.
+        self._max_size = [p.max_queue_size for p in policies] or [0]
+        self._timeout_s = [p.default_timeout_microseconds / 1e6 for p in policies] or [0.0]
+        self._delay_action = [p.timeout_action is TimeoutAction.DELAY for p in policies] or [False]
+        self._override = [p.allow_timeout_override for p in policies] or [False]
+        self._max_size_any = any(self._max_size)
+        self._timeouts_any = any(self._timeout_s) or any(self._override)
+
+        # Queues in priority order: [L1 normal, L1 delayed, L2 normal, L2 delayed, ...]
+        self._queues: list[OrderedDict[int, Pending]] = [
+            OrderedDict() for _ in range(2 * self._levels)]
+        self._level_count = [0] * (self._levels + 1)
+        self._waiting = 0
+        self._inflight = 0
+        self._free = instance_count
+        self._seq = itertools.count()
+        self._expiries: list[tuple[float, int, int, Pending]] = []  # (time, n, kind, req)
+        self._expiry_n = itertools.count()
+        self._keys: dict[tuple, tuple] = {}  # interned shape keys
+        self._order: OrderedDict[int, Pending] = OrderedDict()  # preserve_ordering
+        self._running: set[tuple[Pending, ...]] = set()
+
+        self._pool = ThreadPoolExecutor(max_workers=instance_count,
+                                        thread_name_prefix=f"kiln-{model_name}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")  # on self._clock
+        self._closing = False
+        self._drained: asyncio.Event | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting in the queue (not executing)."""
+        return self._waiting
+
+    @property
+    def inflight(self) -> int:
+        """Requests accepted and not yet answered."""
+        return self._inflight
+
+    async def submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        *,
+        priority: int = 0,
+        timeout_us: int | None = None,
+        deadline: float | None = None,
+    ) -> tuple[dict[str, np.ndarray], RequestTimings]:
+        if self._closing:
+            raise KilnError(Status.UNAVAILABLE, f"model '{self.model_name}' is unloading")
+        # -- the door: validate
+        if priority:
+            if priority < 0 or priority > self._max_priority:
+                raise KilnError(
+                    Status.INVALID_ARGUMENT,
+                    f"model '{self.model_name}': priority {priority} is out of range "
+                    f"[0, {self._max_priority}] (0 means the default level)")
+            level = priority
+        else:
+            level = self._default_level
+        mbs = self._mbs
+        if mbs:
+            rows = -1
+            for name, arr in inputs.items():
+                shape = arr.shape
+                if not shape or (rows >= 0 and shape[0] != rows):
+                    raise KilnError(
+                        Status.INVALID_ARGUMENT,
+                        f"model '{self.model_name}': every input needs the same batch dimension "
+                        f"(dim 0); input '{name}' has shape {list(shape)}")
+                rows = shape[0]
+            if rows > mbs:
+                raise KilnError(
+                    Status.INVALID_ARGUMENT,
+                    f"model '{self.model_name}': request has {rows} rows, more than "
+                    f"max_batch_size {mbs}")
+            if rows < 0:
+                raise KilnError(Status.INVALID_ARGUMENT,
+                                f"model '{self.model_name}': request has no inputs")
+        else:
+            rows = 1
+        if self._max_size_any:
+            limit = self._max_size[level - 1]
+            if limit and self._level_count[level] >= limit:
+                raise KilnError(
+                    Status.UNAVAILABLE,
+                    f"model '{self.model_name}': queue is full (max_queue_size {limit} "
+                    f"at priority level {level})")
+        if self._batching:
+            key = tuple(sorted([(n, a.dtype, a.shape[1:]) for n, a in inputs.items()]))
+            key = self._keys.setdefault(key, key)
+        else:
+            key = None
+
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        now = self._clock()
+        if deadline is not None and deadline <= now:
+            raise _deadline_error(self.model_name, "reached its deadline before it was queued")
+
+        # -- accept
+        fut = loop.create_future()
+        req = Pending(rows, key, level, now, next(self._seq), inputs, fut, _perf_ns())
+        q = self._queues[2 * level - 2]
+        req.queue = q
+        q[req.seq] = req
+        self._level_count[level] += 1
+        self._waiting += 1
+        self._inflight += 1
+        if self._preserve:
+            self._order[req.seq] = req
+        if deadline is not None:
+            self._push_expiry(deadline, _REJECT, req)
+        if self._timeouts_any:
+            t = self._timeout_s[level - 1]
+            if timeout_us and self._override[level - 1]:
+                t = timeout_us / 1e6
+            if t > 0:
+                self._push_expiry(now + t, _DEMOTE if self._delay_action[level - 1] else _REJECT, req)
+        try:
+            if self._free:
+                self._pump()
+            elif self._expiries:
+                self._arm_timer(self._clock())
+            return await fut
+        except asyncio.CancelledError:
+            if req.state == _QUEUED:
+                self._unqueue(req)
+            if self._preserve and self._order.pop(req.seq, None) is not None:
+                self._release()
+            raise
+        finally:
+            self._inflight -= 1
+            if self._closing and not self._inflight and self._drained is not None:
+                self._drained.set()
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting (UNAVAILABLE), let queued and running requests finish;
+        after ``drain_timeout_s`` fail the rest with UNAVAILABLE.  Shuts the pool."""
+        if self._closed:
+            return
+        if not self._closing:
+            self._closing = True
+            # Flush: nothing waits for company any more.
+            self._policy = replace(self._policy, max_queue_delay_s=0.0,
+                                   preferred_batch_sizes=frozenset())
+            if self._loop is not None:
+                self._pump()
+        drained = True
+        if self._inflight:
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                drained = False
+                self._fail_all(KilnError(
+                    Status.UNAVAILABLE,
+                    f"model '{self.model_name}' was unloaded before the request completed"))
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if drained and not self._running:
+            await asyncio.to_thread(self._pool.shutdown, True)
+        else:  # a stuck execute() must not hold up the unload
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ internals
+
+    def _push_expiry(self, when: float, kind: int, req: Pending) -> None:
+        heap = self._expiries
+        heapq.heappush(heap, (when, next(self._expiry_n), kind, req))
+        # Entries of requests that already left the queue are dropped lazily;
+        # compact when they dominate so memory stays bounded.
+        if len(heap) > 64 and len(heap) > 4 * self._waiting:
+            heap[:] = [x for x in heap if x[3].state == _QUEUED]
+            heapq.heapify(heap)
+
+    def _unqueue(self, req: Pending) -> None:
+        del req.queue[req.seq]  # type: ignore[index]
+        req.queue = None
+        self._level_count[req.level] -= 1
+        self._waiting -= 1
+
+    def _pending(self) -> Iterable[Pending]:
+        qs = [q for q in self._queues if q]
+        if len(qs) == 1:
+            return qs[0].values()
+        return itertools.chain.from_iterable(q.values() for q in qs)
+
+    def _pump(self) -> None:
+        """Apply queue timeouts, dispatch what next_action says, re-arm the timer."""
+        now = self._clock()
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, kind, req = heapq.heappop(heap)
+            if req.state != _QUEUED:
+                continue
+            if kind == _REJECT:
+                self._unqueue(req)
+                self._fail(req, _deadline_error(self.model_name, "timed out in the queue"))
+            elif req.queue is self._queues[2 * req.level - 2]:
+                # DELAY: the request loses its place and goes behind the level's others.
+                del req.queue[req.seq]
+                req.queue = self._queues[2 * req.level - 1]
+                req.queue[req.seq] = req
+
+        wait = None
+        while self._free and self._waiting:
+            action = next_action(self._pending(), now, self._policy, self._free)
+            if type(action) is Wait:
+                wait = action.seconds
+                break
+            batch = action.requests
+            dead = [r for r in batch if r.future.done()]
+            for r in batch:
+                self._unqueue(r)
+            if dead:  # cancelled but not yet noticed by submit(): never execute them
+                for r in dead:
+                    r.state = _DONE
+                batch = tuple(r for r in batch if r.state == _QUEUED)
+                if not batch:
+                    continue
+            for r in batch:
+                r.state = _RUNNING
+            self._free -= 1
+            self._running.add(batch)
+            self._pool.submit(self._run_batch, batch, _perf_ns())
+        self._arm_timer(now, wait)
+
+    def _arm_timer(self, now: float, wait: float | None = None) -> None:
+        heap = self._expiries
+        while heap and heap[0][3].state != _QUEUED:
+            heapq.heappop(heap)
+        when = now + wait if wait is not None else float("inf")
+        if heap and heap[0][0] < when:
+            when = heap[0][0]
+        if when >= self._timer_at:
+            return  # an earlier (or equal) wake-up is already armed
+        if when == float("inf"):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop
+        assert loop is not None
+        self._timer_at = when
+        self._timer = loop.call_at(loop.time() + max(when - now, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._pump()
+
+    def _run_batch(self, batch: tuple[Pending, ...], dispatch_ns: int) -> None:
+        """Instance thread: concatenate, execute, split; hand back to the loop."""
+        t0 = _perf_ns()
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs
+            else:
+                inputs = {name: np.concatenate([r.inputs[name] for r in batch])
+                          for name in batch[0].inputs}
+            t1 = _perf_ns()
+            outputs = self._execute(inputs)
+            t2 = _perf_ns()
+            if self._mbs:
+                rows = sum(r.rows for r in batch)
+                for name, arr in outputs.items():
+                    shape = arr.shape
+                    got = shape[0] if shape else 0
+                    if got != rows or not shape:
+                        raise KilnError(
+                            Status.INTERNAL,
+                            f"model '{self.model_name}' returned output '{name}' with "
+                            f"{got if shape else 'no'} rows for a batch of {rows} rows")
+            else:
+                rows = len(batch)
+            if len(batch) == 1:
+                parts = [outputs]
+            else:
+                parts = []
+                start = 0
+                for r in batch:
+                    stop = start + r.rows
+                    parts.append({name: arr[start:stop] for name, arr in outputs.items()})
+                    start = stop
+            t3 = _perf_ns()
+            result: Any = (parts, rows, dispatch_ns, t1 - t0, t2 - t1, t3 - t2)
+        except KilnError as exc:
+            result = exc
+        except Exception as exc:  # noqa: BLE001 - isolation: any runtime failure
+            result = KilnError(
+                Status.INTERNAL,
+                f"model '{self.model_name}' failed to execute: {type(exc).__name__}: {exc}")
+        try:
+            self._loop.call_soon_threadsafe(self._finish, batch, result)  # type: ignore[union-attr]
+        except RuntimeError:  # the loop is gone (process shutting down)
+            pass
+
+    def _finish(self, batch: tuple[Pending, ...], result: Any) -> None:
+        """Event loop: resolve the batch's futures, free the instance, pump."""
+        self._free += 1
+        self._running.discard(batch)
+        if isinstance(result, KilnError):
+            for r in batch:
+                self._resolve(r, result, True)
+        else:
+            parts, rows, dispatch_ns, cin, cinf, cout = result
+            for r, out in zip(batch, parts):
+                self._resolve(r, (out, RequestTimings(dispatch_ns - r.submit_ns, cin, cinf, cout)), False)
+            if self._on_execution is not None:
+                try:
+                    self._on_execution(ExecutionRecord(rows, len(batch), cin, cinf, cout))
+                except Exception:  # noqa: BLE001 - metrics must not break serving
+                    _log.exception("on_execution callback failed for model '%s'", self.model_name)
+        if self._preserve:
+            self._release()
+        if self._waiting:
+            self._pump()
+
+    def _resolve(self, req: Pending, value: Any, is_error: bool) -> None:
+        req.state = _DONE
+        req.inputs = None
+        if self._preserve:
+            req.outcome = (value, is_error)
+            return
+        fut = req.future
+        if not fut.done():
+            if is_error:
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+
+    def _release(self) -> None:
+        """preserve_ordering: hand out finished responses in arrival order."""
+        order = self._order
+        while order:
+            req = next(iter(order.values()))
+            if req.state != _DONE:
+                return
+            order.popitem(last=False)
+            fut = req.future
+            if not fut.done():
+                value, is_error = req.outcome
+                if is_error:
+                    fut.set_exception(value)
+                else:
+                    fut.set_result(value)
+            req.outcome = None
+
+    def _fail(self, req: Pending, error: KilnError) -> None:
+        """Fail a request that never executed (timeout, close): no ordering wait."""
+        req.state = _DONE
+        req.inputs = None
+        if self._preserve:
+            self._order.pop(req.seq, None)
+        if not req.future.done():
+            req.future.set_exception(error)
+        if self._preserve:
+            self._release()
+
+    def _fail_all(self, error: KilnError) -> None:
+        for q in self._queues:
+            for req in list(q.values()):
+                self._unqueue(req)
+                self._fail(req, error)
+        for batch in list(self._running):
+            for req in batch:
+                req.state = _DONE
+                if not req.future.done():
+                    req.future.set_exception(error)
+        self._running.clear()
+        if self._preserve:  # release finished ones, fail the rest
+            self._release()
+            for req in self._order.values():
+                if not req.future.done():
+                    req.future.set_exception(error)
+            self._order.clear()
