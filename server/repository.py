@@ -243,6 +243,9 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """Load (or reload) every version the policy selects; the old versions drain in the background."""
         validate_model_name(name)
+        if name not in self.models and not (self.root / name).is_dir():
+            # an unknown name must leave no entry (or lock) behind: it stays NOT_FOUND everywhere
+            raise not_found(f"model '{name}' is not in the repository")
         async with self._lock(name):
             entry = self.models.setdefault(name, ModelEntry(name=name))
             model_dir = self.root / name
