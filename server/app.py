@@ -15,7 +15,8 @@ from prometheus_client import start_http_server
 
 from server.dataplane import DataPlane
 from server.health import HealthService
-from server.metrics import get_metrics
+from server import stats
+from server.metrics import build_registry, latency_buckets
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.protocol._pool import POOL
@@ -40,6 +41,9 @@ class ServerSettings:
     strict_readiness: bool = True
     grace_period_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    allow_metrics: bool = True  # False: no /metrics endpoint and no histogram recording (ModelStatistics stays)
+    latency_buckets: tuple[float, ...] | None = None  # None: KILN_LATENCY_BUCKETS or the defaults
+    access_log: bool = False  # one log line per inference request (logger kiln.access)
     extra_options: list = field(default_factory=list)
 
 
@@ -66,8 +70,14 @@ class KilnServer:
             drain_timeout_s=settings.grace_period_s,
         )
         self.dataplane = DataPlane(self.repository, strict_readiness=settings.strict_readiness)
+        stats.configure(
+            metrics=settings.allow_metrics,
+            latency_buckets=settings.latency_buckets or latency_buckets(),
+            access_log=settings.access_log,
+        )
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.metrics_registry = None  # the /metrics CollectorRegistry, once started
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
         self._stopped = asyncio.Event()
@@ -96,10 +106,10 @@ class KilnServer:
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         self.grpc_port = port
-        get_metrics()
-        if settings.metrics_port is not None:
+        if settings.metrics_port is not None and settings.allow_metrics:
+            self.metrics_registry = build_registry(self.repository, self.dataplane.unrouted)
             self._metrics_http, _ = start_http_server(
-                settings.metrics_port, addr=settings.metrics_host or settings.host
+                settings.metrics_port, addr=settings.metrics_host or settings.host, registry=self.metrics_registry
             )
             self.metrics_port = self._metrics_http.server_port
         await server.start()

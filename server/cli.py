@@ -9,6 +9,7 @@ from pathlib import Path
 
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings, serve
 from server.logs import configure_logging
+from server.metrics import latency_buckets
 from server.repository import ControlMode
 
 
@@ -44,6 +45,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message accepted (default: 64 MiB)")
     p.add_argument("--log-format", choices=["plain", "json"], default="plain", help="log line format (default: plain)")
     p.add_argument("--log-level", default="INFO", help="log level (default: INFO)")
+    p.add_argument("--allow-metrics", type=_bool, default=True, help="Prometheus metrics endpoint and histograms (default: true)")
+    p.add_argument(
+        "--latency-buckets", default=None, metavar="SECONDS,...",
+        help="latency histogram bucket bounds in seconds, comma-separated (default: $KILN_LATENCY_BUCKETS or 50us..10s)",
+    )
+    p.add_argument("--access-log", action="store_true", help="log one line per inference request (model, version, outcome, duration)")
     p.set_defaults(handler=_serve)
 
 
@@ -51,6 +58,11 @@ def _serve(args) -> int:
     configure_logging(args.log_format, args.log_level.upper())
     if not args.model_repository.is_dir():
         print(f"kiln serve: model repository '{args.model_repository}' is not a directory", file=sys.stderr)
+        return 2
+    try:
+        buckets = latency_buckets(args.latency_buckets)
+    except ValueError as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
     settings = ServerSettings(
         model_repository=args.model_repository,
@@ -64,6 +76,9 @@ def _serve(args) -> int:
         strict_readiness=args.strict_readiness,
         grace_period_s=args.grace_period,
         max_message_bytes=args.max_message_bytes,
+        allow_metrics=args.allow_metrics,
+        latency_buckets=buckets,
+        access_log=args.access_log,
     )
     asyncio.run(serve(settings))
     return 0

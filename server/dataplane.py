@@ -14,6 +14,7 @@ import numpy as np
 from server.codec import InferParameters
 from server.errors import KilnError, Status, unavailable
 from server.repository import ModelRepository, ModelVersion
+from server.stats import UnroutedRequests
 
 
 class DataPlane:
@@ -21,6 +22,7 @@ class DataPlane:
         self.repository = repository
         self.strict_readiness = strict_readiness
         self.shutting_down = False
+        self.unrouted = UnroutedRequests(repository.models)  # requests that reach no model version
 
     def live(self) -> bool:
         return True

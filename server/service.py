@@ -121,7 +121,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request, deadline: float | None) -> pb.ModelInferResponse:
         started = time.perf_counter_ns()
-        model: ModelVersion = self.dataplane.model(request.model_name, request.model_version)
+        try:
+            model: ModelVersion = self.dataplane.model(request.model_name, request.model_version)
+        except KilnError as exc:
+            self.dataplane.unrouted.record(request.model_name, exc.status, time.perf_counter_ns() - started)
+            raise
         try:
             inputs = codec.decode_inputs(request, model.config)
             output_names = codec.requested_outputs(request, model.config)
