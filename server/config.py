@@ -63,13 +63,35 @@ class ConfigError(ValueError):
     """config.pbtxt is unreadable or contradicts itself or the model file."""
 
 
+class _RecordingParser(text_format._Parser):  # the public Parse() cannot report what it skipped
+    """Text-format parser that skips fields unknown to kiln's proto (newer Triton fields) and records their names."""
+
+    def __init__(self) -> None:
+        super().__init__(allow_unknown_extension=True, allow_unknown_field=True)
+        self.unknown: list[str] = []
+        self._skipping = 0
+
+    def _SkipFieldContents(self, tokenizer, field_name, immediate_message_type):
+        if self._skipping == 0:  # name the outermost unknown field, not what is nested inside it
+            owner = immediate_message_type.rsplit(".", 1)[-1]
+            name = field_name if owner == "ModelConfig" else f"{owner}.{field_name}"
+            if name not in self.unknown:
+                self.unknown.append(name)
+        self._skipping += 1
+        try:
+            super()._SkipFieldContents(tokenizer, field_name, immediate_message_type)
+        finally:
+            self._skipping -= 1
+
+
 def parse_config_text(text: str, source: str = CONFIG_FILENAME) -> mc.ModelConfig:
     message = mc.ModelConfig()
+    parser = _RecordingParser()
     try:
-        text_format.Parse(text, message, allow_unknown_field=True, allow_unknown_extension=True)
+        parser.ParseLines(text.split("\n"), message)
     except text_format.ParseError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    ignored = unsupported_fields(message)
+    ignored = unsupported_fields(message) + [f"{name} (unknown field)" for name in parser.unknown]
     if ignored:
         log.warning("%s: kiln ignores these fields: %s", source, ", ".join(ignored))
     return message
