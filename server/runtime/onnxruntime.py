@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from server.errors import invalid_argument
 from server.model_types import ModelConfig
 from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo
 
@@ -144,14 +145,35 @@ class OnnxRuntime:
 
     def infer(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
         names = list(output_names) or [o.name for o in self.outputs]
+        feeds = {name: _ort_input(name, array) for name, array in inputs.items()}
         try:
-            results = self._session.run(names, dict(inputs), self._run_options)
+            results = self._session.run(names, feeds, self._run_options)
         except Exception as exc:
             raise RuntimeExecutionError(str(exc)) from exc
         return dict(zip(names, results))
 
     def close(self) -> None:
         self._session = None
+
+
+def _ort_input(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES arrive as object arrays of bytes; ORT's Python API turns a bytes object into its repr
+    (str(b"a") == "b'a'"), so hand it str elements: its string tensors hold UTF-8 text."""
+    if array.dtype != object:
+        return array
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, item in enumerate(flat):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise invalid_argument(
+                    f"input '{name}': BYTES element {i} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "onnxruntime string tensors hold UTF-8 text"
+                ) from exc
+        out[i] = item
+    return out.reshape(array.shape)
 
 
 def _tensor_info(node) -> TensorInfo:
