@@ -76,6 +76,11 @@ def decode_inputs(request, config: ModelConfig) -> dict[str, np.ndarray]:
         shape = tuple(tensor.shape)
         _check_type_and_shape(config, spec, tensor.datatype, shape)
         if raw:
+            if tensor.HasField("contents"):
+                raise invalid_argument(
+                    f"input '{tensor.name}' has typed contents but the request also carries raw_input_contents; "
+                    "use one or the other"
+                )
             array = _from_raw(spec, shape, raw[index])
         else:
             array = _from_typed(spec, shape, tensor)

@@ -163,3 +163,10 @@ def test_output_selection():
     request.outputs.add(name="nope")
     with pytest.raises(KilnError, match="has no output 'nope'"):
         codec.requested_outputs(request, config)
+
+
+def test_raw_and_typed_contents_together_are_rejected():
+    request = request_with("FP32", sample("FP32", (2, 3)), raw=True)
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 6)
+    error = decode_error(request, make_config())
+    assert error.status is Status.INVALID_ARGUMENT and "use one or the other" in error.message
