@@ -37,6 +37,7 @@ FAMILIES = {
     "kiln_inferences_total": "counter",
     "kiln_executions_total": "counter",
     "kiln_queue_depth": "gauge",
+    "kiln_queue_capacity": "gauge",
     "kiln_inflight_requests": "gauge",
     "kiln_model_ready": "gauge",
     "kiln_gpu_utilization_ratio": "gauge",
@@ -44,6 +45,11 @@ FAMILIES = {
     "kiln_gpu_memory_total_bytes": "gauge",
     "kiln_gpu_power_watts": "gauge",
 }
+
+
+# Outcomes a loaded version's requests commonly end with, exported at 0 from the start: rate() over a
+# series that appears with its first error would miss that error (Prometheus cannot see the jump from 0).
+PRESET_OUTCOMES = ("success", "invalid_argument", "unavailable", "deadline_exceeded", "cancelled", "internal")
 
 
 def parse_buckets(text: str, source: str = "--latency-buckets") -> tuple[float, ...]:
@@ -107,6 +113,9 @@ class KilnCollector(Collector):
         inferences = CounterMetricFamily("kiln_inferences", "Rows inferred (sum of batch sizes).", labels=labels)
         executions = CounterMetricFamily("kiln_executions", "Batches executed.", labels=labels)
         depth = GaugeMetricFamily("kiln_queue_depth", "Requests waiting in the batcher queue.", labels=labels)
+        capacity = GaugeMetricFamily(
+            "kiln_queue_capacity", "Most requests the batcher queue holds (sum of max_queue_size over priority "
+            "levels); 0 when unbounded.", labels=labels)
         inflight = GaugeMetricFamily(
             "kiln_inflight_requests", "Requests accepted by the batcher and not yet answered.", labels=labels)
         ready = GaugeMetricFamily(
@@ -127,10 +136,13 @@ class KilnCollector(Collector):
                 ready.add_metric(lv, 1.0 if version.state is ModelState.READY else 0.0)
                 scheduler = version.scheduler
                 depth.add_metric(lv, scheduler.queue_depth)
+                capacity.add_metric(lv, queue_capacity(version.config))
                 inflight.add_metric(lv, scheduler.inflight)
                 snap = version.stats.snapshot()
-                requests.add_metric(lv + ["success"], snap.success.count)
-                for outcome, count in sorted(snap.failures.items()):
+                outcomes = dict.fromkeys(PRESET_OUTCOMES, 0)
+                outcomes.update(snap.failures)
+                outcomes["success"] = snap.success.count
+                for outcome, count in outcomes.items():
                     requests.add_metric(lv + [outcome], count)
                 inferences.add_metric(lv, snap.inference_count)
                 executions.add_metric(lv, snap.execution_count)
@@ -152,7 +164,17 @@ class KilnCollector(Collector):
         if self.unrouted is not None:
             for (model, outcome), count in sorted(self.unrouted.snapshot().items()):
                 requests.add_metric([model, "", outcome], count)
-        return [request, queue, compute, batch, requests, inferences, executions, depth, inflight, ready]
+        return [request, queue, compute, batch, requests, inferences, executions, depth, capacity, inflight, ready]
+
+
+def queue_capacity(config) -> int:
+    """Sum of max_queue_size over the priority levels; 0 if any level (or the model) has an unbounded queue."""
+    batching = getattr(config, "dynamic_batching", None)
+    if batching is None:
+        return 0
+    levels = range(1, max(batching.priority_levels, 1) + 1)
+    sizes = [batching.policy_for(level).max_queue_size for level in levels]
+    return 0 if not all(sizes) else sum(sizes)
 
 
 class GpuCollector(Collector):
