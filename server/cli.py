@@ -120,11 +120,79 @@ def _models(args) -> int:
     return models_command(args)
 
 
+def _add_export_commands(sub) -> None:
+    """`kiln export` / `kiln compile`; their code (and torch) is imported only when they run."""
+    p = sub.add_parser(
+        "export",
+        help="export a PyTorch module to ONNX into a model repository, with parity checks",
+        description="Build a torch.nn.Module from MODULE:FACTORY, export it to ONNX (dynamic axes where dims "
+        "are -1), check it, compare it with PyTorch under onnxruntime at several batch sizes and lengths, "
+        "and write <repo>/<name>/<version>/model.onnx + config.pbtxt atomically. Needs the export extra.",
+    )
+    p.add_argument("factory", metavar="MODULE:FACTORY", help="callable returning the module, e.g. export.zoo.mlp:build_mlp")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--input", action="append", default=[], required=True, metavar="NAME:DTYPE:DIMS",
+                   help="input in forward() order, e.g. x:FP32:-1,256 (full shape; -1 dynamic; leading -1 = batch)")
+    p.add_argument("--output", action="append", default=[], metavar="NAME", help="output names in order (default: output, output_1, ...)")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repo"), help="repository folder (default: model_repo)")
+    p.add_argument("--version", type=int, default=1, help="version directory to write (default: 1)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of the config; 0: no batch dim (default: 64)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--fp16", action="store_true", help="convert the ONNX model to float16 (float IO becomes FP16)")
+    p.add_argument("--state-dict", metavar="PATH", help="weights to load (torch.load weights_only=True)")
+    p.add_argument("--atol", type=float, default=None, help="parity absolute tolerance (default per dtype: FP32 1e-4, FP16 2e-2)")
+    p.add_argument("--rtol", type=float, default=None, help="parity relative tolerance (default per dtype: FP32 1e-3, FP16 2e-2)")
+    p.add_argument("--dynamic-axis-names", nargs="+", default=[], metavar="[INPUT:]AXIS=NAME",
+                   help="names of dynamic axes, e.g. 1=sequence; equal names share a size (default: batch, dim1, ...)")
+    p.add_argument("--value-range", action="append", default=[], metavar="NAME:LO:HI",
+                   help="parity inputs for NAME drawn from [LO, HI) (default: ints in [0,2), floats standard normal)")
+    p.add_argument("--parity-batch-sizes", type=int, nargs="+", metavar="N", help="batch sizes for parity (default: 1 7 max)")
+    p.add_argument("--parity-lengths", type=int, nargs="+", metavar="N", help="sizes of other dynamic axes for parity (default: 1 7 32)")
+    p.add_argument("--no-simplify", action="store_true", help="skip graph simplification")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser(
+        "compile",
+        help="compile an exported model to a TensorRT engine or an AOTInductor package",
+        description="Compile model NAME of the repository (exported by `kiln export`) into a new model beside it "
+        "(default NAME_trt / NAME_aoti) with its own config: --target tensorrt builds model.plan from the ONNX "
+        "file (GPU + tensorrt extra); --target aoti rebuilds the PyTorch module from export.json and packages "
+        "it with AOTInductor (model.pt2; torch extra).",
+    )
+    p.add_argument("name", help="model name in the repository")
+    p.add_argument("--target", required=True, choices=["aoti", "tensorrt"], help="what to build")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repo"), help="repository folder (default: model_repo)")
+    p.add_argument("--version", type=int, default=None, help="version to compile (default: the latest)")
+    p.add_argument("--output-name", default=None, help="name of the new model (default: NAME_trt / NAME_aoti)")
+    p.add_argument("--fp16", action="store_true", help="FP16 engine (tensorrt) / half-precision module (aoti)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="aoti: device to compile for (default: cuda if available)")
+    p.add_argument("--dynamic-dim", action="append", default=[], metavar="NAME=MIN:OPT:MAX",
+                   help="tensorrt: profile range of a non-batch dynamic axis (default 1:32:128)")
+    p.add_argument("--workspace-mb", type=int, default=2048, help="tensorrt: builder workspace (default: 2048)")
+    p.add_argument("--atol", type=float, default=None, help="parity absolute tolerance")
+    p.add_argument("--rtol", type=float, default=None, help="parity relative tolerance")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check of the compiled model")
+    p.set_defaults(handler=_compile)
+
+
+def _export(args) -> int:
+    from export.cli import export_command
+
+    return export_command(args)
+
+
+def _compile(args) -> int:
+    from export.cli import compile_command
+
+    return compile_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: an inference server for ONNX, TensorRT and AOTInductor models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_client_commands(sub)
+    _add_export_commands(sub)
     return parser
 
 
