@@ -187,12 +187,31 @@ def _compile(args) -> int:
     return compile_command(args)
 
 
+def _add_bench(sub) -> None:
+    # every argument goes through untouched ('+' prefix: '--x' is not an option here); --help included
+    p = sub.add_parser(
+        "bench",
+        help="load-test a model of a running server (closed/open loop), or the runtime alone (--in-process)",
+        add_help=False,
+        prefix_chars="+",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args) -> int:
+    from loadtests.bench.cli import main as bench_main
+
+    return bench_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: an inference server for ONNX, TensorRT and AOTInductor models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_client_commands(sub)
     _add_export_commands(sub)
+    _add_bench(sub)
     return parser
 
 
