@@ -78,7 +78,7 @@ def sustained_verdict(step: dict) -> tuple[bool, str]:
         return True, ""
     realized_rps = scheduled / step["duration_s"]
     reasons = []
-    if ol["sent"] < SUSTAINED_SENT_SHARE * scheduled:
+    if scheduled - ol["sent"] > max(2, (1 - SUSTAINED_SENT_SHARE) * scheduled):
         reasons.append(
             f"{scheduled - ol['sent']} of {scheduled} requests scheduled in the window were never sent"
             + (f" (in-flight cap {ol['max_inflight']} reached)" if ol["inflight_cap_hits"] else " (the client fell behind)")
