@@ -341,7 +341,7 @@ def check_parity(
     failures: list[str] = []
     for i, sizes in enumerate(parity_grid(recipe, batch_sizes)):
         feeds_t = make_inputs(recipe, sizes, seed + i)
-        refs = [r.detach().cpu().numpy() for r in reference(feeds_t)]
+        refs = [to_numpy(r) for r in reference(feeds_t)]
         feeds = {k: v.numpy() for k, v in feeds_t.items()}
         if cast_inputs is not None:
             feeds = {k: cast_inputs(k, v) for k, v in feeds.items()}
@@ -368,6 +368,16 @@ def check_parity(
             "unsupported op; loosen with --atol/--rtol only if the error is expected)"
         )
     return rows
+
+
+def to_numpy(value) -> np.ndarray:
+    """A torch tensor (any device) or array -> numpy array."""
+    if isinstance(value, np.ndarray):
+        return value
+    import torch
+
+    t = value.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def ort_candidate(path: Path, output_names: Sequence[str]):
