@@ -50,10 +50,10 @@ class FloorService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         response = pb.ModelMetadataResponse(name=self.name, versions=["1"], platform="onnxruntime_onnx")
-        for tensor in self.session.get_inputs():
-            response.inputs.add(name=tensor.name, datatype=_ORT_TO_V2[tensor.type], shape=[-1, *tensor.shape[1:]])
-        for tensor in self.session.get_outputs():
-            response.outputs.add(name=tensor.name, datatype=_ORT_TO_V2[tensor.type], shape=[-1, *tensor.shape[1:]])
+        for tensors, target in ((self.session.get_inputs(), response.inputs), (self.session.get_outputs(), response.outputs)):
+            for tensor in tensors:  # ORT names dynamic dims with strings: -1 in v2
+                shape = [d if isinstance(d, int) else -1 for d in tensor.shape]
+                target.add(name=tensor.name, datatype=_ORT_TO_V2[tensor.type], shape=shape)
         return response
 
     async def ModelInfer(self, request, context):
