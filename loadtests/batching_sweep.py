@@ -1,0 +1,272 @@
+"""The dynamic batcher's benchmark: batching on vs off for the same model, side by side in one run.
+
+    python -m loadtests.batching_sweep                        # mlp and mlp_wide, c = 1,8,32,64,128
+    python -m loadtests.batching_sweep --models mlp --duration 3 --concurrency 1,8
+
+A temporary repository holds two copies of each model: `<model>` with the bundled
+dynamic_batching config and `<model>_nobatch` with dynamic_batching removed (same
+file, same runtime options). One `kiln serve` serves them all; `kiln bench`'s
+closed loop measures each concurrency for both copies back to back (interleaved,
+so machine noise hits both alike). The in-process ceiling (the runtime alone at
+batch 64, `kiln bench --in-process`) is measured before and after the sweep.
+
+Targets checked (issue "dynamic batcher"):
+  mlp_wide @ c=64: batching >= 4x no-batching, and >= 50% of in-process batch-64 items/s
+  mlp @ c>=8:      batching >= no-batching within 5%
+  mlp @ c=1:       p50 with batching <= p50 without + max_queue_delay + 0.1 ms
+Output: a table, a JSON report and a PNG plot under loadtests/results/ (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from google.protobuf import text_format  # noqa: E402
+
+from loadtests.bench import report as rp  # noqa: E402
+from loadtests.bench.inprocess import run_in_process  # noqa: E402
+from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
+from server.config import read_config_file  # noqa: E402
+
+CEILING_BATCH = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_model(source: Path, name: str) -> Path:
+    """The model directory, generating mlp_wide (~100 MB, 12 s) when it is missing."""
+    model_dir = source / name
+    if not (model_dir / "config.pbtxt").is_file():
+        if name != "mlp_wide":
+            raise SystemExit(f"batching_sweep: no model '{name}' in {source}")
+        print(f"generating {name} into {source} (python -m export.make_bundled --mlp-wide)", flush=True)
+        subprocess.run([sys.executable, "-m", "export.make_bundled", "--mlp-wide", "--model-repository", str(source)],
+                       check=True, cwd=REPO_ROOT)
+    return model_dir
+
+
+def make_repository(source: Path, models: list[str], target: Path) -> dict[str, dict]:
+    """Two copies per model: with the bundled dynamic_batching config and without it (model files symlinked)."""
+    info = {}
+    for name in models:
+        src = ensure_model(source, name)
+        proto = read_config_file(src / "config.pbtxt")
+        delay_us = proto.dynamic_batching.max_queue_delay_microseconds if proto.HasField("dynamic_batching") else 0
+        if not proto.HasField("dynamic_batching"):
+            raise SystemExit(f"batching_sweep: {name}'s config has no dynamic_batching to compare against")
+        for variant, batching in ((name, True), (f"{name}_nobatch", False)):
+            copy = type(proto)()
+            copy.CopyFrom(proto)
+            copy.name = variant
+            if not batching:
+                copy.ClearField("dynamic_batching")
+            dest = target / variant
+            dest.mkdir(parents=True)
+            (dest / "config.pbtxt").write_text(text_format.MessageToString(copy))
+            for version in src.iterdir():
+                if version.is_dir():
+                    (dest / version.name).mkdir()
+                    for f in version.iterdir():
+                        (dest / version.name / f.name).symlink_to(f.resolve())
+        info[name] = {"max_queue_delay_us": delay_us, "config": text_format.MessageToString(proto, as_one_line=True)}
+    return info
+
+
+def start_server(repo: Path, port: int, log_path: Path) -> subprocess.Popen:
+    import grpc
+
+    from server.protocol import grpc_service_pb2 as pb
+    from server.protocol import grpc_service_pb2_grpc as pb_grpc
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
+         "--metrics-port", "-1", "--grace-period", "5"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+    )
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"kiln serve exited ({proc.returncode}); log: {log_path}")
+        try:
+            if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                return proc
+        except grpc.RpcError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise SystemExit(f"kiln serve not ready after 120 s; log: {log_path}")
+
+
+def ceiling(model_dir: Path, duration: float) -> dict:
+    with open(os.devnull, "w") as sink:
+        report = run_in_process(model_dir, [CEILING_BATCH], duration_s=duration, warmup_s=1.0, out=sink, progress=False)
+    return report["batches"][0]
+
+
+def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
+    """Each target: what was measured, the bound, pass/fail."""
+    checks = []
+
+    def step(model: str, c: int) -> dict | None:
+        return results.get(model, {}).get(c)
+
+    if "mlp_wide" in results and 64 in results["mlp_wide"]:
+        on, off = step("mlp_wide", 64), step("mlp_wide_nobatch", 64)
+        ratio = on["throughput_items_per_s"] / off["throughput_items_per_s"] if off["throughput_items_per_s"] else float("inf")
+        checks.append({"target": "mlp_wide c=64: batching >= 4x no-batching throughput", "measured": f"{ratio:.2f}x", "pass": ratio >= 4.0})
+        best = max(c["items_per_s"] for c in ceilings.get("mlp_wide", [])) if ceilings.get("mlp_wide") else None
+        if best:
+            share = on["throughput_items_per_s"] / best
+            checks.append({"target": "mlp_wide c=64: batching >= 50% of in-process batch-64 items/s",
+                           "measured": f"{share * 100:.0f}% ({on['throughput_items_per_s']:.0f} of {best:.0f} items/s)", "pass": share >= 0.5})
+    if "mlp" in results:
+        for c in sorted(results["mlp"]):
+            on, off = step("mlp", c), step("mlp_nobatch", c)
+            if c >= 8:
+                ratio = on["throughput_rps"] / off["throughput_rps"] if off["throughput_rps"] else float("inf")
+                checks.append({"target": f"mlp c={c}: batching >= 95% of no-batching throughput", "measured": f"{ratio * 100:.0f}%", "pass": ratio >= 0.95})
+            if c == 1:
+                delay_ms = models_info["mlp"]["max_queue_delay_us"] / 1000
+                bound = off["latency_ms"]["p50"] + delay_ms + 0.1
+                checks.append({"target": "mlp c=1: p50 batching <= no-batching + delay + 0.1 ms",
+                               "measured": f"{on['latency_ms']['p50']:.3f} ms vs bound {bound:.3f} ms (no-batching {off['latency_ms']['p50']:.3f}, delay {delay_ms:g})",
+                               "pass": on["latency_ms"]["p50"] <= bound})
+    return checks
+
+
+def markdown(report: dict) -> str:
+    lines = ["| model | c | batching items/s | no-batching items/s | ratio | p50 ms on / off | p99 ms on / off | avg batch on | client CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in report["models"]:
+        for c in report["concurrency"]:
+            on = report["results"][model][str(c)]
+            off = report["results"][f"{model}_nobatch"][str(c)]
+            ratio = on["throughput_items_per_s"] / off["throughput_items_per_s"] if off["throughput_items_per_s"] else float("nan")
+            batch = (on["server"] or {}).get("avg_batch")
+            lines.append(
+                f"| {model} | {c} | {on['throughput_items_per_s']:.0f} | {off['throughput_items_per_s']:.0f} | {ratio:.2f}x | "
+                f"{on['latency_ms']['p50']:.2f} / {off['latency_ms']['p50']:.2f} | {on['latency_ms']['p99']:.2f} / {off['latency_ms']['p99']:.2f} | "
+                f"{batch:.1f} | {on['client']['cpu_cores']:.2f} |" if batch is not None else f"| {model} | {c} | ... |"
+            )
+    lines.append("")
+    for model, runs in report["ceilings"].items():
+        lines.append(f"In-process ceiling, {model} batch {CEILING_BATCH} (runtime alone): "
+                     + ", ".join(f"{r['items_per_s']:.0f}" for r in runs) + " items/s (before / after the sweep)")
+    lines.append("")
+    lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['target']}: {c['measured']}" for c in report["checks"]]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), dpi=100, squeeze=False)
+    for col, model in enumerate(models):
+        for variant, style in ((model, "-o"), (f"{model}_nobatch", "--s")):
+            runs = [report["results"][variant][str(c)] for c in report["concurrency"]]
+            label = "batching" if variant == model else "no batching"
+            axes[0][col].plot(report["concurrency"], [r["throughput_items_per_s"] for r in runs], style, label=label)
+            axes[1][col].plot(report["concurrency"], [r["latency_ms"]["p50"] for r in runs], style, label=f"p50 {label}")
+            axes[1][col].plot(report["concurrency"], [r["latency_ms"]["p99"] for r in runs], style, alpha=0.5, label=f"p99 {label}")
+        for run in report["ceilings"].get(model, []):
+            axes[0][col].axhline(run["items_per_s"], color="gray", linestyle=":", label=f"in-process b={CEILING_BATCH}")
+        axes[0][col].set_title(f"{model}: throughput")
+        axes[0][col].set_ylabel("items/s")
+        axes[1][col].set_title(f"{model}: latency")
+        axes[1][col].set_ylabel("ms")
+        axes[1][col].set_yscale("log")
+        for row in (0, 1):
+            axes[row][col].set_xscale("log", base=2)
+            axes[row][col].set_xlabel("concurrency (closed loop)")
+            axes[row][col].grid(True, which="both", alpha=0.3)
+            axes[row][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,mlp_wide", help="comma-separated models of --source (default: mlp,mlp_wide)")
+    ap.add_argument("--source", type=Path, default=REPO_ROOT / "model_repo", help="repository the models come from (default: model_repo)")
+    ap.add_argument("--concurrency", default="1,8,32,64,128", help="closed-loop concurrencies (default: 1,8,32,64,128)")
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default: 5)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per step (default: 1)")
+    ap.add_argument("--processes", type=int, default=1, help="client processes (default: 1)")
+    ap.add_argument("--ceiling-duration", type=float, default=5.0, help="seconds of the in-process ceiling (default: 5)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results", help="folder for JSON/PNG/markdown")
+    args = ap.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report: dict = {
+        "tool": "loadtests/batching_sweep.py", "argv": sys.argv, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": rp.machine_info(), "models": models, "concurrency": concurrency,
+        "duration_s": args.duration, "warmup_s": args.warmup, "processes": args.processes,
+        "results": {}, "ceilings": {}, "checks": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="kiln-batching-sweep-") as tmp:
+        repo = Path(tmp) / "repo"
+        report["model_info"] = make_repository(args.source, models, repo)
+        port = free_port()
+        if "mlp_wide" in models:
+            print("in-process ceiling (before)...", flush=True)
+            report["ceilings"].setdefault("mlp_wide", []).append(ceiling(repo / "mlp_wide", args.ceiling_duration))
+        server = start_server(repo, port, args.out / f"batching_sweep-{stamp}-server.log")
+        try:
+            for c in concurrency:
+                for model in models:
+                    for variant in (model, f"{model}_nobatch"):
+                        cfg = BenchConfig(url=f"127.0.0.1:{port}", model=variant, concurrency=[c], duration_s=args.duration,
+                                          warmup_s=args.warmup, processes=args.processes)
+                        print(f"--- {variant} c={c}", flush=True)
+                        step = run_bench(cfg, progress=False)["steps"][0]
+                        report["results"].setdefault(variant, {})[str(c)] = step
+        finally:
+            server.terminate()
+            server.wait(30)
+        if "mlp_wide" in models:
+            print("in-process ceiling (after)...", flush=True)
+            report["ceilings"]["mlp_wide"].append(ceiling(repo / "mlp_wide", args.ceiling_duration))
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    int_results = {m: {int(c): s for c, s in r.items()} for m, r in report["results"].items()}
+    report["checks"] = evaluate(int_results, report["model_info"], report["ceilings"])
+    json_path = args.out / f"batching_sweep-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"batching_sweep-{stamp}.png")
+    text = markdown(report)
+    (args.out / f"batching_sweep-{stamp}.md").write_text(text + "\n")
+    print()
+    print(text)
+    print(f"\nmachine: {report['machine']['nproc']} x {report['machine']['cpu_model']}, load {report['machine']['loadavg']} -> {report['machine']['loadavg_end']}")
+    print(f"report: {json_path}")
+    return 0 if all(c["pass"] for c in report["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
