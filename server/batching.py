@@ -173,6 +173,7 @@ class Wait:
 
 
 _IDLE = Wait(None)
+_SLOP_S = 1e-7
 
 
 def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
@@ -238,7 +239,8 @@ def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
                 break
 
     delay = policy.max_queue_delay_s
-    exceeded = delay > 0 and now - oldest >= delay
+    # (the slop keeps float rounding from turning 'wake at the deadline' into a second tiny wait)
+    exceeded = delay > 0 and now - oldest >= delay - _SLOP_S
     if best and not exceeded:
         return Dispatch(tuple(batch[:best]))
     if full or exceeded or delay <= 0 or rows >= policy.max_preferred:
@@ -437,6 +439,7 @@ class Scheduler:
         except asyncio.CancelledError:
             if req.state == _QUEUED:
                 self._unqueue(req)
+                req.state = _DONE
             if self._preserve and self._order.pop(req.seq, None) is not None:
                 self._release()
             raise
