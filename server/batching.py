@@ -578,7 +578,14 @@ class Scheduler:
                 inputs = {name: np.concatenate([r.inputs[name] for r in batch])
                           for name in batch[0].inputs}
             t1 = _perf_ns()
-            outputs = self._execute(inputs)
+            try:
+                outputs = self._execute(inputs)
+            except Exception as exc:  # noqa: BLE001 - isolation: any runtime failure
+                # INTERNAL for every request of the batch, whatever the runtime raised.
+                raise KilnError(
+                    Status.INTERNAL,
+                    f"model '{self.model_name}' failed to execute: {type(exc).__name__}: {exc}",
+                ) from exc
             t2 = _perf_ns()
             if self._mbs:
                 rows = sum(r.rows for r in batch)
@@ -605,10 +612,10 @@ class Scheduler:
             result: Any = (parts, rows, dispatch_ns, t1 - t0, t2 - t1, t3 - t2)
         except KilnError as exc:
             result = exc
-        except Exception as exc:  # noqa: BLE001 - isolation: any runtime failure
+        except Exception as exc:  # noqa: BLE001 - e.g. outputs that cannot be split
             result = KilnError(
                 Status.INTERNAL,
-                f"model '{self.model_name}' failed to execute: {type(exc).__name__}: {exc}")
+                f"model '{self.model_name}' failed to handle a batch: {type(exc).__name__}: {exc}")
         try:
             self._loop.call_soon_threadsafe(self._finish, batch, result)  # type: ignore[union-attr]
         except RuntimeError:  # the loop is gone (process shutting down)
