@@ -148,6 +148,28 @@ def dynamic_shapes_for(recipe: ExportRecipe) -> tuple:
     return tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.dims) if d == -1} or None for s in recipe.specs())
 
 
+_SPECIALISED = re.compile(r"L\['([^']+)'\]\.size\(\)\[(\d+)\].{0,200}?specialized it to be a constant \((\d+)\)", re.S)
+
+
+def _specialised_axes(module, recipe: ExportRecipe, message: str) -> list[str]:
+    """torch.export's 'marked dynamic but specialized' errors, in the user's input names."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters]
+    except (TypeError, ValueError):
+        params = []
+    specs = recipe.specs()
+    out = []
+    for arg, axis, value in _SPECIALISED.findall(message):
+        name = specs[params.index(arg)].name if arg in params and params.index(arg) < len(specs) else arg
+        out.append(
+            f"input {name!r} axis {axis} is declared dynamic (-1) but the model fixes it to {value}; "
+            "declare that size instead of -1, or make the model shape-generic"
+        )
+    return out
+
+
 def torch_export(module, recipe: ExportRecipe, example: Mapping[str, Any]):
     """torch.export.export with every declared -1 axis dynamic; checks none got specialised."""
     import torch
@@ -158,6 +180,9 @@ def torch_export(module, recipe: ExportRecipe, example: Mapping[str, Any]):
             warnings.simplefilter("ignore")
             program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes_for(recipe), strict=False)
     except Exception as exc:
+        specialised = _specialised_axes(module, recipe, str(exc))
+        if specialised:
+            raise ExportError("; ".join(specialised)) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ExportError(
             f"torch.export could not trace {recipe.factory!r}: {type(exc).__name__}: {first}\n"
