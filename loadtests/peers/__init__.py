@@ -1,0 +1,1 @@
+"""Peer servers (MLServer, PyTriton) serving the same ONNX model, for loadtests/peers/compare.py."""

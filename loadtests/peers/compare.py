@@ -1,0 +1,262 @@
+"""kiln against its peers, same model, same load generators, one server at a time.
+
+    bash loadtests/peers/setup.sh                # once: MLServer and PyTriton venvs, perf_analyzer's libraries
+    python -m loadtests.peers.compare            # mlp, c = 1 and 16, kiln bench + perf_analyzer
+
+Servers (each serving model_repo/<model>/1/model.onnx with one ORT intra-op thread, batching on):
+  kiln      `kiln serve` on a repository with the bundled config (dynamic_batching)
+  floor     loadtests/floor_server.py: bare grpc.aio + ORT, no batching (when that file exists)
+  mlserver  MLServer 1.7, custom onnxruntime runtime, adaptive batching (parallel_workers 0 and 1)
+  pytriton  PyTriton 0.7, onnxruntime session bound with Triton's dynamic batcher
+Generators: `kiln bench` closed loop, and perf_analyzer from the tritonclient wheel
+(--measurement-interval 5000 --stability-percentage 25). perf_analyzer calls ModelConfig,
+which MLServer 1.7 and the floor do not implement: those cells say n/a.
+Targets (issue "Load tests and benchmarks"): mlp c=16 kiln >= 2x PyTriton and >= 4x MLServer;
+p50 at c=1 <= half of MLServer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import grpc  # noqa: E402
+
+from loadtests.bench import report as rp  # noqa: E402
+from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
+from server.protocol import grpc_service_pb2 as pb  # noqa: E402
+from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+VENVS = HERE / ".venvs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cudart_dir() -> Path | None:
+    found = sorted(VENVS.glob("cudart/lib/python*/site-packages/nvidia/cuda_runtime/lib"))
+    return found[0] if found else None
+
+
+def server_commands(model: str, model_file: Path, repo: Path, port: int) -> dict[str, tuple[list[str], dict]]:
+    """name -> (argv, extra env) for every server whose installation is present."""
+    servers: dict[str, tuple[list[str], dict]] = {
+        "kiln": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
+                  "--metrics-port", "-1", "--grace-period", "2"], {}),
+    }
+    floor = REPO_ROOT / "loadtests" / "floor_server.py"
+    if floor.is_file():
+        servers["floor"] = ([sys.executable, str(floor), "--model", str(model_file), "--name", model, "--port", str(port)], {})
+    mls = VENVS / "mlserver" / "bin" / "python"
+    if mls.exists():
+        for workers in (0, 1):
+            servers[f"mlserver-w{workers}"] = (
+                [str(mls), str(HERE / "serve_mlserver.py"), "--model", str(model_file), "--name", model,
+                 "--grpc-port", str(port), "--parallel-workers", str(workers)], {})
+    pyt = VENVS / "pytriton" / "bin" / "python"
+    if pyt.exists():
+        libdir = sysconfig.get_config_var("LIBDIR") or ""  # the stub needs the libpython the venv was made from
+        env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+        servers["pytriton"] = ([str(pyt), str(HERE / "serve_pytriton.py"), "--model", str(model_file), "--name", model,
+                                "--grpc-port", str(port)], env)
+    return servers
+
+
+def wait_ready(url: str, model: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    channel = grpc.insecure_channel(url)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with {proc.returncode}")
+            try:
+                if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"not ready after {timeout:g} s")
+    finally:
+        channel.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_dir: Path) -> dict:
+    exe = Path(sys.executable).with_name("perf_analyzer")
+    if not exe.exists():
+        return {"error": "perf_analyzer not found (tritonclient wheel)"}
+    env = dict(os.environ)
+    lib = cudart_dir()
+    if lib is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p)
+    csv_path = out_dir / f"pa-{model}-{concurrency}-{time.monotonic_ns()}.csv"
+    argv = [str(exe), "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", str(concurrency),
+            "--measurement-interval", str(interval_ms), "--stability-percentage", "25", "--max-trials", "6", "-f", str(csv_path)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    if proc.returncode != 0 or not csv_path.exists():
+        lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+        return {"error": (lines[-1] if lines else f"exit {proc.returncode}")[:200]}
+    with open(csv_path, newline="") as f:
+        row = next(csv.DictReader(f))
+    return {
+        "throughput_rps": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000, "p90_ms": float(row["p90 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+        "command": "perf_analyzer " + " ".join(argv[1:]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mlp", help="bundled model to serve everywhere (default: mlp)")
+    ap.add_argument("--servers", default="", help="comma-separated subset (default: every installed one)")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--duration", type=float, default=5.0, help="kiln bench seconds per step (default: 5)")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--measurement-interval", type=int, default=5000, help="perf_analyzer ms (default: 5000)")
+    ap.add_argument("--no-perf-analyzer", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results")
+    args = ap.parse_args(argv)
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    source = REPO_ROOT / "model_repo" / args.model
+    model_file = source / "1" / "model.onnx"
+    report: dict = {
+        "tool": "loadtests/peers/compare.py", "argv": sys.argv, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": rp.machine_info(), "model": args.model, "concurrency": concurrency, "servers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="kiln-peers-") as tmp:
+        repo = Path(tmp) / "repo"
+        shutil.copytree(source, repo / args.model)
+        port = free_port()
+        servers = server_commands(args.model, model_file, repo, port)
+        wanted = [s for s in args.servers.split(",") if s] or list(servers)
+        for name in wanted:
+            if name not in servers:
+                print(f"{name}: not installed (bash loadtests/peers/setup.sh)", flush=True)
+                continue
+            cmd, extra_env = servers[name]
+            log_path = args.out / f"peers-{stamp}-{name}.log"
+            print(f"=== {name} (load {os.getloadavg()[0]:.1f})", flush=True)
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                        env=dict(os.environ, **extra_env), start_new_session=True)
+            entry: dict = {"command": " ".join(cmd), "bench": {}, "perf_analyzer": {}}
+            report["servers"][name] = entry
+            try:
+                url = f"127.0.0.1:{port}"
+                wait_ready(url, args.model, proc)
+                cfg = BenchConfig(url=url, model=args.model, concurrency=concurrency, duration_s=args.duration, warmup_s=args.warmup)
+                for step in run_bench(cfg, progress=False)["steps"]:
+                    entry["bench"][str(step["concurrency"])] = step
+                if not args.no_perf_analyzer:
+                    for c in concurrency:
+                        entry["perf_analyzer"][str(c)] = perf_analyzer(args.model, url, c, args.measurement_interval, args.out)
+                        print(f"perf_analyzer c={c}: {entry['perf_analyzer'][str(c)]}", flush=True)
+            except Exception as exc:  # one broken peer must not lose the others' numbers
+                entry["error"] = f"{type(exc).__name__}: {exc} (log: {log_path})"
+                print(f"{name}: {entry['error']}", flush=True)
+            finally:
+                stop(proc)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["checks"] = checks(report)
+    path = args.out / f"peers-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / f"peers-{stamp}.md").write_text(text + "\n")
+    print()
+    print(text)
+    print(f"\nreport: {path}")
+    return 0
+
+
+def _bench(report: dict, server: str, c: int) -> dict | None:
+    return report["servers"].get(server, {}).get("bench", {}).get(str(c))
+
+
+def checks(report: dict) -> list[dict]:
+    out = []
+    kiln16, kiln1 = _bench(report, "kiln", 16), _bench(report, "kiln", 1)
+    mlservers = [s for s in report["servers"] if s.startswith("mlserver")]
+    if kiln16:
+        for peer, factor in [("pytriton", 2.0)] + [(m, 4.0) for m in mlservers]:
+            other = _bench(report, peer, 16)
+            if other and other["throughput_rps"]:
+                ratio = kiln16["throughput_rps"] / other["throughput_rps"]
+                out.append({"target": f"c=16 throughput kiln >= {factor:g}x {peer}", "measured": f"{ratio:.2f}x", "pass": ratio >= factor})
+    if kiln1:
+        for peer in mlservers:
+            other = _bench(report, peer, 1)
+            if other and other["latency_ms"]["p50"]:
+                share = kiln1["latency_ms"]["p50"] / other["latency_ms"]["p50"]
+                out.append({"target": f"c=1 p50 kiln <= 50% of {peer}",
+                            "measured": f"{share * 100:.0f}% ({kiln1['latency_ms']['p50']:.2f} vs {other['latency_ms']['p50']:.2f} ms)", "pass": share <= 0.5})
+    return out
+
+
+def markdown(report: dict) -> str:
+    cs = report["concurrency"]
+    head = ["server"] + [f"c={c} req/s" for c in cs] + [f"c={c} p50 / p99 ms" for c in cs] + [f"perf_analyzer c={c} req/s (p50 ms)" for c in cs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in report["servers"].items():
+        if "error" in entry and not entry["bench"]:
+            lines.append(f"| {name} | failed: {entry['error']} |")
+            continue
+        cells = [name]
+        cells += [f"{entry['bench'][str(c)]['throughput_rps']:.0f}" if str(c) in entry["bench"] else "-" for c in cs]
+        cells += [f"{entry['bench'][str(c)]['latency_ms']['p50']:.2f} / {entry['bench'][str(c)]['latency_ms']['p99']:.2f}"
+                  if str(c) in entry["bench"] else "-" for c in cs]
+        for c in cs:
+            pa = entry["perf_analyzer"].get(str(c))
+            if pa is None:
+                cells.append("-")
+            elif "error" in pa:
+                cells.append("n/a")
+            else:
+                cells.append(f"{pa['throughput_rps']:.0f} ({pa['p50_ms']:.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['target']}: {c['measured']}" for c in report["checks"]]
+    na = sorted({f"{n}: {pa['error']}" for n, e in report["servers"].items() for pa in e["perf_analyzer"].values() if "error" in pa})
+    if na:
+        lines.append("")
+        lines += [f"- perf_analyzer n/a, {item}" for item in na]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
