@@ -325,7 +325,6 @@ class Scheduler:
         self._seq = itertools.count()
         self._expiries: list[tuple[float, int, int, Pending]] = []  # (time, n, kind, req)
         self._expiry_n = itertools.count()
-        self._keys: dict[tuple, tuple] = {}  # interned shape keys
         self._order: OrderedDict[int, Pending] = OrderedDict()  # preserve_ordering
         self._running: set[tuple[Pending, ...]] = set()
 
@@ -400,7 +399,6 @@ class Scheduler:
                     f"at priority level {level})")
         if self._batching:
             key = tuple(sorted([(n, a.dtype, a.shape[1:]) for n, a in inputs.items()]))
-            key = self._keys.setdefault(key, key)
         else:
             key = None
 
@@ -426,7 +424,7 @@ class Scheduler:
             self._push_expiry(deadline, _REJECT, req)
         if self._timeouts_any:
             t = self._timeout_s[level - 1]
-            if timeout_us and self._override[level - 1]:
+            if timeout_us is not None and timeout_us > 0 and self._override[level - 1]:
                 t = timeout_us / 1e6
             if t > 0:
                 self._push_expiry(now + t, _DEMOTE if self._delay_action[level - 1] else _REJECT, req)

@@ -413,12 +413,14 @@ def test_delay_timeout_loses_its_place_but_still_runs():
     async def main():
         gate = threading.Event()
         model = FakeModel(gate=gate)
-        policy = QueuePolicy(timeout_action=TimeoutAction.DELAY, default_timeout_microseconds=20_000)
+        # Only `a` carries a timeout (through the override), so however late the
+        # loop runs, `b` can never be demoted too.
+        policy = QueuePolicy(timeout_action=TimeoutAction.DELAY, allow_timeout_override=True)
         s = Scheduler("m", max_batch_size=1, batching=batching(default_queue_policy=policy),
                       instance_count=1, execute=model)
         running = asyncio.ensure_future(s.submit(x_of(0)))
         await started(model)
-        a = asyncio.ensure_future(s.submit(x_of(1)))
+        a = asyncio.ensure_future(s.submit(x_of(1), timeout_us=20_000))
         await asyncio.sleep(0.06)  # a's timeout passes: it goes behind b
         b = asyncio.ensure_future(s.submit(x_of(2)))
         await asyncio.sleep(0.005)
