@@ -52,8 +52,12 @@ def expected_shape(config: ModelConfig, tensor: TensorConfig) -> tuple[int, ...]
     return ((-1,) if config.batching else ()) + tensor.dims
 
 
-def decode_inputs(request, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Validate the request's inputs against the config and return them as arrays."""
+def decode_inputs(request, config: ModelConfig, bytes_as_text: bool = False) -> dict[str, np.ndarray]:
+    """Validate the request's inputs against the config and return them as arrays.
+
+    bytes_as_text: the runtime holds BYTES as text (onnxruntime), so BYTES elements
+    must be UTF-8 and are handed over as str; anything else is this request's bad input.
+    """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise invalid_argument(
@@ -91,6 +95,8 @@ def decode_inputs(request, config: ModelConfig) -> dict[str, np.ndarray]:
                 raise invalid_argument(
                     f"input '{tensor.name}' has batch size {shape[0]} but other inputs have {batch_rows}"
                 )
+        if bytes_as_text and spec.datatype == "BYTES":
+            array = _as_text(spec.name, array)
         arrays[tensor.name] = array
     missing = [t.name for t in config.inputs if t.name not in arrays and not t.optional]
     if missing:
@@ -158,6 +164,20 @@ def _from_typed(spec: TensorConfig, shape: tuple[int, ...], tensor) -> np.ndarra
             raise invalid_argument(f"input '{spec.name}': values out of range for {spec.datatype}")
         return source.astype(dtype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
+
+
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, item in enumerate(flat):
+        try:
+            out[i] = item.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise invalid_argument(
+                f"input '{name}': BYTES element {i} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                "this model's runtime holds strings as UTF-8 text"
+            ) from None
+    return out.reshape(array.shape)
 
 
 def deserialize_bytes(name: str, data: bytes, count: int) -> np.ndarray:

@@ -66,6 +66,10 @@ class ModelVersion:
     scheduler: Scheduler
     stats: ModelStats
     state: ModelState = ModelState.READY
+    bytes_as_text: bool = False  # the runtime holds BYTES as UTF-8 text (Runtime.bytes_as_text)
+
+    def __post_init__(self) -> None:
+        self.bytes_as_text = getattr(self.runtime, "bytes_as_text", False)
 
     @property
     def version_str(self) -> str:
@@ -232,7 +236,8 @@ class ModelRepository:
                 version = entry.versions[number]
                 if ready_only and version.state is not ModelState.READY:
                     continue
-                rows.append(IndexEntry(name, str(number), version.state.value, ""))
+                # a failed reload leaves the old versions serving; say why the new one is not
+                rows.append(IndexEntry(name, str(number), version.state.value, entry.reason))
         return rows
 
     # ---- load / unload -----------------------------------------------------------------------
@@ -260,7 +265,7 @@ class ModelRepository:
                 versions = await self._load_versions(name, model_dir)
             except (ConfigError, RuntimeLoadError, OSError) as exc:
                 entry.fingerprint = fingerprint
-                entry.reason = str(exc)
+                entry.reason = f"reload failed, previous versions still serve: {exc}" if entry.versions else str(exc)
                 entry.state = previous_state if entry.versions else ModelState.UNAVAILABLE
                 self._notify(name)
                 raise unavailable(f"model '{name}' failed to load: {exc}") from exc

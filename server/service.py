@@ -127,7 +127,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.dataplane.unrouted.record(request.model_name, exc.status, time.perf_counter_ns() - started)
             raise
         try:
-            inputs = codec.decode_inputs(request, model.config)
+            inputs = codec.decode_inputs(request, model.config, model.bytes_as_text)
             output_names = codec.requested_outputs(request, model.config)
             parameters = codec.parse_parameters(request.parameters)
         except KilnError as exc:

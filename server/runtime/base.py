@@ -37,6 +37,9 @@ class Runtime(Protocol):
 
     inputs: Sequence[TensorInfo]
     outputs: Sequence[TensorInfo]
+    # Optional: True when BYTES tensors must be UTF-8 text (the codec then rejects other bytes
+    # per request with INVALID_ARGUMENT and hands the runtime str elements).
+    bytes_as_text: bool
 
     def infer(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]

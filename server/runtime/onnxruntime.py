@@ -9,7 +9,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from server.errors import invalid_argument
 from server.model_types import ModelConfig
 from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo
 
@@ -92,6 +91,8 @@ def _providers_for(config: ModelConfig) -> tuple[str, ...]:
 class OnnxRuntime:
     """One InferenceSession per model version; ORT sessions are thread-safe for run()."""
 
+    bytes_as_text = True  # ORT string tensors hold UTF-8 text
+
     def __init__(self, model_file: Path, config: ModelConfig) -> None:
         try:
             import onnxruntime as ort
@@ -157,23 +158,14 @@ class OnnxRuntime:
 
 
 def _ort_input(name: str, array: np.ndarray) -> np.ndarray:
-    """BYTES arrive as object arrays of bytes; ORT's Python API turns a bytes object into its repr
-    (str(b"a") == "b'a'"), so hand it str elements: its string tensors hold UTF-8 text."""
-    if array.dtype != object:
+    """ORT's Python API turns a bytes element into its repr (str(b"a") == "b'a'"): string tensors
+    must hold str. The codec already converts (bytes_as_text); this guards direct callers."""
+    if array.dtype != object or all(isinstance(item, str) for item in array.reshape(-1)):
         return array
-    flat = array.reshape(-1)
-    out = np.empty(flat.shape, dtype=object)
-    for i, item in enumerate(flat):
-        if isinstance(item, (bytes, bytearray, memoryview)):
-            try:
-                item = bytes(item).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise invalid_argument(
-                    f"input '{name}': BYTES element {i} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                    "onnxruntime string tensors hold UTF-8 text"
-                ) from exc
-        out[i] = item
-    return out.reshape(array.shape)
+    try:
+        return np.vectorize(lambda item: item if isinstance(item, str) else bytes(item).decode("utf-8"), otypes=[object])(array)
+    except UnicodeDecodeError as exc:
+        raise RuntimeExecutionError(f"input '{name}': BYTES element is not UTF-8 text ({exc.reason})") from exc
 
 
 def _tensor_info(node) -> TensorInfo:
