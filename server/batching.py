@@ -274,6 +274,7 @@ class Scheduler:
         execute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
         on_execution: Callable[[ExecutionRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline_max_us: float = 0.0,
     ) -> None:
         if instance_count < 1:
             raise ValueError(f"model '{model_name}': instance_count must be >= 1, got {instance_count}")
@@ -327,6 +328,13 @@ class Scheduler:
         self._expiry_n = itertools.count()
         self._order: OrderedDict[int, Pending] = OrderedDict()  # preserve_ordering
         self._running: set[tuple[Pending, ...]] = set()
+
+        # Inline fast path: a lone request on an idle model whose lone executions take less
+        # than inline_max_us runs on the event loop. For such tiny models the two thread
+        # wake-ups of the hand-off cost more than the execution itself; under load (anything
+        # queued or running) every batch still goes to the instance threads.
+        self._inline_max_ns = inline_max_us * 1000
+        self._lone_ewma_ns = float("inf")  # unknown until a lone execution was measured
 
         self._pool = ThreadPoolExecutor(max_workers=instance_count,
                                         thread_name_prefix=f"kiln-{model_name}")
@@ -540,7 +548,12 @@ class Scheduler:
                 r.state = _RUNNING
             self._free -= 1
             self._running.add(batch)
-            self._pool.submit(self._run_batch, batch, _perf_ns())
+            if (len(batch) == 1 and not self._waiting and self._free + 1 == self._instances
+                    and self._lone_ewma_ns < self._inline_max_ns):
+                result = self._compute(batch, _perf_ns())
+                self._loop.call_soon(self._finish, batch, result)  # type: ignore[union-attr]
+            else:
+                self._pool.submit(self._run_batch, batch, _perf_ns())
         self._arm_timer(now, wait)
 
     def _arm_timer(self, now: float, wait: float | None = None) -> None:
@@ -567,7 +580,15 @@ class Scheduler:
         self._pump()
 
     def _run_batch(self, batch: tuple[Pending, ...], dispatch_ns: int) -> None:
-        """Instance thread: concatenate, execute, split; hand back to the loop."""
+        """Instance thread: compute, then hand the result back to the loop."""
+        result = self._compute(batch, dispatch_ns)
+        try:
+            self._loop.call_soon_threadsafe(self._finish, batch, result)  # type: ignore[union-attr]
+        except RuntimeError:  # the loop is gone (process shutting down)
+            pass
+
+    def _compute(self, batch: tuple[Pending, ...], dispatch_ns: int) -> Any:
+        """Concatenate, execute, split: the batch's result, or the KilnError that fails it."""
         t0 = _perf_ns()
         try:
             if len(batch) == 1:
@@ -614,10 +635,7 @@ class Scheduler:
             result = KilnError(
                 Status.INTERNAL,
                 f"model '{self.model_name}' failed to handle a batch: {type(exc).__name__}: {exc}")
-        try:
-            self._loop.call_soon_threadsafe(self._finish, batch, result)  # type: ignore[union-attr]
-        except RuntimeError:  # the loop is gone (process shutting down)
-            pass
+        return result
 
     def _finish(self, batch: tuple[Pending, ...], result: Any) -> None:
         """Event loop: resolve the batch's futures, free the instance, pump."""
@@ -628,6 +646,9 @@ class Scheduler:
                 self._resolve(r, result, True)
         else:
             parts, rows, dispatch_ns, cin, cinf, cout = result
+            if len(batch) == 1 and self._inline_max_ns:
+                ewma = self._lone_ewma_ns
+                self._lone_ewma_ns = cinf if ewma == float("inf") else 0.8 * ewma + 0.2 * cinf
             for r, out in zip(batch, parts):
                 self._resolve(r, (out, RequestTimings(dispatch_ns - r.submit_ns, cin, cinf, cout)), False)
             if self._on_execution is not None:

@@ -39,6 +39,8 @@ MODEL_FILENAMES = {
 BACKEND_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch_aoti": "torch_aoti"}
 
 DEFAULT_MAX_BATCH_SIZE = 64  # used when auto-completing a model whose batch dim is dynamic
+# Lone executions faster than this run on the event loop: the thread hand-off would cost more.
+DEFAULT_INLINE_EXECUTION_MAX_US = 200
 
 # Fields kiln acts on, per message; anything else that is set gets named in one warning.
 _SUPPORTED_FIELDS = {
@@ -229,12 +231,15 @@ def to_model_config(message: mc.ModelConfig, platform: str) -> ModelConfig:
         gpu_accelerators=tuple(a.name for a in optimization.gpu_execution_accelerator),
         cpu_accelerators=tuple(a.name for a in optimization.cpu_execution_accelerator),
         execution_timeout_microseconds=_int_parameter(message, "execution_timeout_microseconds"),
+        inline_execution_max_microseconds=_int_parameter(
+            message, "inline_execution_max_microseconds", DEFAULT_INLINE_EXECUTION_MAX_US
+        ),
     )
 
 
-def _int_parameter(message: mc.ModelConfig, key: str) -> int:
+def _int_parameter(message: mc.ModelConfig, key: str, default: int = 0) -> int:
     if key not in message.parameters:
-        return 0
+        return default
     raw = message.parameters[key].string_value
     try:
         value = int(raw)

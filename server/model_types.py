@@ -89,6 +89,9 @@ class ModelConfig:
     gpu_accelerators: tuple[str, ...] = ()
     cpu_accelerators: tuple[str, ...] = ()
     execution_timeout_microseconds: int = 0  # 0: no limit
+    # A lone request on an idle model whose lone executions take less than this runs on the
+    # event loop instead of an instance thread (0: never). See batching.Scheduler.
+    inline_execution_max_microseconds: int = 200
 
     @property
     def batching(self) -> bool:

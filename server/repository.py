@@ -355,6 +355,8 @@ class ModelRepository:
             instance_count=config.instance_group.count,
             execute=lambda inputs: runtime.infer(inputs, output_names),
             on_execution=stats.record_execution,
+            # an execution timeout can only be enforced on an instance thread
+            inline_max_us=0 if config.execution_timeout_microseconds else config.inline_execution_max_microseconds,
         )
         return ModelVersion(name, number, config, proto, runtime, scheduler, stats)
 

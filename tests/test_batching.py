@@ -666,3 +666,53 @@ def test_close_idle_scheduler():
             await s.submit(x_of(0))
         assert ei.value.status is Status.UNAVAILABLE
     run(main())
+
+
+# ---------------------------------------------------------------- inline fast path
+
+
+def _threads_used(inline_max_us: float, delay: float, lone_requests: int, concurrent: int = 0):
+    """Run lone requests one after another, then `concurrent` at once; return the thread names per batch."""
+    names: list[str] = []
+
+    def execute(inputs):
+        names.append(threading.current_thread().name)
+        if delay:
+            time.sleep(delay)
+        return {"y": inputs["x"] * 2 + 1}
+
+    async def main():
+        scheduler = Scheduler("m", max_batch_size=8, batching=DynamicBatchingConfig(), instance_count=1,
+                              execute=execute, inline_max_us=inline_max_us)
+        for i in range(lone_requests):
+            outputs, _ = await scheduler.submit(x_of(i))
+            assert outputs["y"][0, 0] == 2 * i + 1
+        if concurrent:
+            results = await asyncio.gather(*(scheduler.submit(x_of(100 + i)) for i in range(concurrent)))
+            assert [int(o["y"][0, 0]) for o, _ in results] == [2 * (100 + i) + 1 for i in range(concurrent)]
+        await scheduler.close()
+        return threading.current_thread().name
+
+    loop_thread = run(main())
+    return loop_thread, names
+
+
+def test_fast_lone_requests_run_on_the_event_loop_after_the_first_measurement():
+    loop_thread, names = _threads_used(inline_max_us=1_000_000, delay=0, lone_requests=5)
+    assert names[0] != loop_thread  # nothing measured yet: the instance thread
+    assert names[1:] == [loop_thread] * 4
+
+
+def test_slow_models_and_disabled_inline_never_run_on_the_event_loop():
+    loop_thread, names = _threads_used(inline_max_us=200, delay=0.005, lone_requests=4)
+    assert loop_thread not in names
+    loop_thread, names = _threads_used(inline_max_us=0, delay=0, lone_requests=4)
+    assert loop_thread not in names
+
+
+def test_requests_arriving_together_go_to_the_instance_threads():
+    loop_thread, names = _threads_used(inline_max_us=1_000_000, delay=0, lone_requests=2, concurrent=6)
+    assert names[1] == loop_thread
+    # the first of the burst finds the model idle and may run inline; the rest queue behind it
+    burst = names[2:]
+    assert burst and burst.count(loop_thread) <= 1 and len(burst) < 6  # and they were batched
