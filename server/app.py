@@ -18,10 +18,9 @@ from server.health import HealthService
 from server import stats
 from server.metrics import build_registry, latency_buckets
 from server.protocol import grpc_service_pb2 as pb
-from server.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.protocol._pool import POOL
 from server.repository import ControlMode, ModelRepository
-from server.service import InferenceService
+from server.service import InferenceService, add_inference_service
 
 log = logging.getLogger("kiln.app")
 
@@ -92,7 +91,7 @@ class KilnServer:
             *settings.extra_options,
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.dataplane), server)
+        add_inference_service(InferenceService(self.dataplane), server)
         self.health = HealthService(self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names = (

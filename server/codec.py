@@ -182,7 +182,9 @@ def _as_text(name: str, array: np.ndarray) -> np.ndarray:
 
 def deserialize_bytes(name: str, data: bytes, count: int) -> np.ndarray:
     """The v2 raw BYTES layout: each element is a 4-byte little-endian length, then the bytes."""
-    out = np.empty(count, dtype=object)
+    # elements are collected first: a declared count far beyond what the data holds (shape [2**40])
+    # fails on the data, never by allocating `count` slots up front
+    items: list[bytes] = []
     offset = 0
     view = memoryview(data)
     for i in range(count):
@@ -194,12 +196,14 @@ def deserialize_bytes(name: str, data: bytes, count: int) -> np.ndarray:
             raise invalid_argument(
                 f"input '{name}': raw BYTES element {i} declares {length} bytes but only {len(data) - offset} remain"
             )
-        out[i] = bytes(view[offset:offset + length])
+        items.append(bytes(view[offset:offset + length]))
         offset += length
     if offset != len(data):
         raise invalid_argument(
             f"input '{name}': {len(data) - offset} bytes left over after {count} BYTES elements"
         )
+    out = np.empty(count, dtype=object)
+    out[:] = items
     return out
 
 
@@ -261,5 +265,7 @@ def requested_outputs(request, config: ModelConfig) -> list[str]:
             )
         if "shared_memory_region" in output.parameters:
             raise invalid_argument(f"output '{output.name}': shared memory outputs are not supported")
+        if output.name in names:
+            raise invalid_argument(f"output '{output.name}' is requested more than once")
         names.append(output.name)
     return names

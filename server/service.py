@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from typing import AsyncIterator
@@ -19,6 +20,7 @@ from server.dataplane import DataPlane
 from server.errors import KilnError, Status, internal
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 from server.repository import ControlMode, ModelVersion
 
 log = logging.getLogger("kiln.service")
@@ -220,3 +222,76 @@ def _stream_error(request, exc: KilnError) -> pb.ModelStreamInferResponse:
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
+
+
+# ---- registration -------------------------------------------------------------------------------
+
+
+class _Malformed:
+    """What the deserializer hands over for bytes that are not the RPC's request message."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _safe_deserializer(message_class):
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, ValueError) as exc:
+            return _Malformed(f"request is not a valid {name} message: {exc}")
+
+    return deserialize
+
+
+def _guard_unary(behavior):
+    @functools.wraps(behavior)
+    async def guarded(request, context):
+        if type(request) is _Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behavior(request, context)
+
+    return guarded
+
+
+def _guard_stream(behavior):
+    @functools.wraps(behavior)
+    async def guarded(request_iterator, context):
+        async def checked():
+            async for request in request_iterator:
+                if type(request) is _Malformed:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                yield request
+
+        async for response in behavior(checked(), context):
+            yield response
+
+    return guarded
+
+
+def add_inference_service(servicer: InferenceService, server) -> None:
+    """Register the servicer as the generated add_..._to_server does, except that a message that
+    does not parse is INVALID_ARGUMENT naming its type (grpc's own deserializer failure says UNKNOWN)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behavior = getattr(servicer, method.name)
+        deserializer = _safe_deserializer(request_class)
+        if method.client_streaming:
+            if inspect.isasyncgenfunction(behavior):
+                behavior = _guard_stream(behavior)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behavior, request_deserializer=deserializer, response_serializer=response_class.SerializeToString)
+        else:
+            if inspect.iscoroutinefunction(behavior):
+                behavior = _guard_unary(behavior)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behavior, request_deserializer=deserializer, response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
