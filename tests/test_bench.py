@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from loadtests.bench import report as rp
+from server.app import ServerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,14 +28,11 @@ def _kiln(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """One server, one `kiln bench` run: closed loop c=1,4; open loop 50/s (sustainable) and 100000/s (absurd)."""
-    from tests.conftest import BUNDLED_REPO, RunningServer
-    from server.app import ServerSettings
+    from conftest import BUNDLED_REPO, RunningServer  # the module pytest loaded (tests/ is on sys.path)
 
     tmp = tmp_path_factory.mktemp("bench")
     repo = tmp / "repo"
     repo.mkdir()
-    import shutil
-
     shutil.copytree(BUNDLED_REPO / "mlp", repo / "mlp")
     server = RunningServer(ServerSettings(model_repository=repo, grpc_port=0, metrics_port=None, grace_period_s=2.0))
     try:
