@@ -380,7 +380,8 @@ def compile_tensorrt(opts: CompileOptions) -> Path:
 
             runtime = TensorRTRuntime(plan, to_model_config(parse_config_text(cfg_text), "tensorrt_plan"))
             try:
-                recipe = _recipe_for(src, version, proto)
+                longest = max((d for prof in profiles for (_, _, hi) in prof.values() for d in hi[1:]), default=1)
+                recipe = _recipe_for(src, version, proto, longest)
                 out_names = [o["name"] for o in out_infos]
                 reference_sess = ort_candidate(onnx_path, out_names)
                 max_batch = max(max(h[0] for (_, _, h) in prof.values()) for prof in profiles)
@@ -401,13 +402,13 @@ def compile_tensorrt(opts: CompileOptions) -> Path:
     return final
 
 
-def _recipe_for(src: Path, version: int, proto) -> ExportRecipe:
+def _recipe_for(src: Path, version: int, proto, longest: int = DEFAULT_DIM_RANGE[2]) -> ExportRecipe:
     """The export recipe (for value ranges and axis names), or one made from the config."""
     path = src / str(version) / EXPORT_JSON
     if path.is_file():
         recipe = ExportRecipe.from_json(json.loads(path.read_text()))
-        # parity lengths must stay inside the default TensorRT profile
-        recipe.parity_lengths = [n for n in recipe.parity_lengths if n <= DEFAULT_DIM_RANGE[2]] or [1]
+        # parity lengths must stay inside the TensorRT profiles
+        recipe.parity_lengths = [n for n in recipe.parity_lengths if n <= longest] or [1]
         return recipe
     in_infos, out_infos = _tensor_infos(proto)
     axis_names = {}
