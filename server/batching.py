@@ -14,9 +14,13 @@ Shape of the thing (after Ray Serve's ``_BatchQueue`` and Triton core's
   is dispatched without an extra event-loop hop), when an instance frees up,
   and from one ``loop.call_at`` timer armed for the earliest of "the oldest
   request has waited max_queue_delay" and "the next queue timeout/deadline".
-* Batches run on a ThreadPoolExecutor with ``instance_count`` threads; a
+* Batches run on an :class:`InstancePool` of ``instance_count`` threads; a
   free-instance counter owned by the event loop keeps at most that many
-  batches in flight.  Concatenation, ``execute`` and the split into per-request
+  batches in flight.
+* With an execution timeout, a watchdog timer on the event loop guards each
+  batch: when it fires the batch fails INTERNAL, the stuck instance thread is
+  abandoned and a fresh one takes its place (``instance_replacements``); the
+  stuck call's result, if it ever comes, is discarded.  Concatenation, ``execute`` and the split into per-request
   row-range views all happen on the instance thread; one
   ``call_soon_threadsafe`` hands the results back to the loop.
 
@@ -30,9 +34,10 @@ import asyncio
 import heapq
 import itertools
 import logging
+import queue
+import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
@@ -248,6 +253,104 @@ def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
     return Wait(oldest + delay - now)
 
 
+
+# --------------------------------------------------------------------------- #
+# Instance threads
+# --------------------------------------------------------------------------- #
+
+
+class _Work:
+    __slots__ = ("fn", "args", "abandoned", "thread")
+
+    def __init__(self, fn: Callable[..., None], args: tuple) -> None:
+        self.fn = fn
+        self.args = args
+        self.abandoned = False  # set by the execution-timeout watchdog: the thread retires afterwards
+        self.thread: threading.Thread | None = None  # the instance thread running it
+
+
+class InstancePool:
+    """``count`` daemon threads taking work from one queue: the model's instances.
+
+    Unlike a ThreadPoolExecutor, an instance stuck in a runtime call can be
+    abandoned: :meth:`replace` starts a fresh thread at once, and the stuck one
+    exits when (if ever) its call returns.  The threads are daemons, so a call
+    that never returns cannot hold up the process exit.
+    """
+
+    def __init__(self, count: int, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._threads: set[threading.Thread] = set()
+        self._stuck: set[threading.Thread] = set()  # abandoned, still inside a runtime call
+        self._lock = threading.Lock()
+        self._n = itertools.count()
+        self._shutdown = False
+        for _ in range(count):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._worker, name=f"{self._name}-{next(self._n)}", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _worker(self) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                work = self._queue.get()
+                if work is None:
+                    return
+                with self._lock:
+                    if work.abandoned:
+                        return  # given up before it started: its replacement is already running
+                    work.thread = me
+                try:
+                    work.fn(*work.args)
+                except BaseException:  # noqa: BLE001 - the work reports its own errors
+                    _log.exception("instance thread %s: unexpected error", me.name)
+                if work.abandoned:
+                    return  # replaced while it ran: a fresh thread already took its place
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+                self._stuck.discard(me)
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> _Work:
+        work = _Work(fn, args)
+        self._queue.put(work)
+        return work
+
+    def replace(self, work: _Work) -> None:
+        """``work`` is stuck: its thread retires when it returns; start a replacement now."""
+        with self._lock:
+            work.abandoned = True
+            if work.thread is not None:
+                self._stuck.add(work.thread)
+        if not self._shutdown:
+            self._start_thread()
+
+    @property
+    def thread_count(self) -> int:
+        """Live instance threads, not counting abandoned ones still stuck in a call."""
+        with self._lock:
+            return len(self._threads - self._stuck)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop every thread once the queued work is done; with ``wait``, join them (never an
+        abandoned one still stuck in its call)."""
+        self._shutdown = True
+        with self._lock:
+            threads = list(self._threads - self._stuck)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            me = threading.current_thread()
+            for thread in threads:
+                if thread is not me:
+                    thread.join()
+
 # --------------------------------------------------------------------------- #
 # The scheduler
 # --------------------------------------------------------------------------- #
@@ -275,6 +378,7 @@ class Scheduler:
         on_execution: Callable[[ExecutionRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         inline_max_us: float = 0.0,
+        execution_timeout_s: float = 0.0,
     ) -> None:
         if instance_count < 1:
             raise ValueError(f"model '{model_name}': instance_count must be >= 1, got {instance_count}")
@@ -333,11 +437,15 @@ class Scheduler:
         # than inline_max_us runs on the event loop. For such tiny models the two thread
         # wake-ups of the hand-off cost more than the execution itself; under load (anything
         # queued or running) every batch still goes to the instance threads.
-        self._inline_max_ns = inline_max_us * 1000
+        # (never with an execution timeout: a call on the event loop cannot be abandoned)
+        self._inline_max_ns = 0 if execution_timeout_s > 0 else inline_max_us * 1000
         self._lone_ewma_ns = float("inf")  # unknown until a lone execution was measured
 
-        self._pool = ThreadPoolExecutor(max_workers=instance_count,
-                                        thread_name_prefix=f"kiln-{model_name}")
+        self._pool = InstancePool(instance_count, f"kiln-{model_name}")
+        # Execution timeout: a watchdog per running batch (0: none).
+        self._exec_timeout_s = max(execution_timeout_s, 0.0)
+        self._watchdogs: dict[tuple[Pending, ...], asyncio.TimerHandle] = {}
+        self.instance_replacements = 0  # instances abandoned after an execution timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")  # on self._clock
@@ -483,10 +591,13 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for watchdog in self._watchdogs.values():
+            watchdog.cancel()
+        self._watchdogs.clear()
         if drained and not self._running:
             await asyncio.to_thread(self._pool.shutdown, True)
         else:  # a stuck execute() must not hold up the unload
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------ internals
 
@@ -553,7 +664,10 @@ class Scheduler:
                 result = self._compute(batch, _perf_ns())
                 self._loop.call_soon(self._finish, batch, result)  # type: ignore[union-attr]
             else:
-                self._pool.submit(self._run_batch, batch, _perf_ns())
+                work = self._pool.submit(self._run_batch, batch, _perf_ns())
+                if self._exec_timeout_s:
+                    self._watchdogs[batch] = self._loop.call_later(  # type: ignore[union-attr]
+                        self._exec_timeout_s, self._on_hung, batch, work)
         self._arm_timer(now, wait)
 
     def _arm_timer(self, now: float, wait: float | None = None) -> None:
@@ -637,8 +751,38 @@ class Scheduler:
                 f"model '{self.model_name}' failed to handle a batch: {type(exc).__name__}: {exc}")
         return result
 
+    def _on_hung(self, batch: tuple[Pending, ...], work: Any) -> None:
+        """Event loop, watchdog: the batch ran past the execution timeout.  Fail it, abandon
+        its instance thread (Python cannot kill it) and start a replacement."""
+        self._watchdogs.pop(batch, None)
+        if batch not in self._running:
+            return
+        self._running.discard(batch)
+        self._pool.replace(work)
+        self.instance_replacements += 1
+        timeout_ms = self._exec_timeout_s * 1000
+        _log.error("model '%s': execution exceeded %.0f ms; its instance was abandoned and replaced",
+                   self.model_name, timeout_ms)
+        error = KilnError(
+            Status.INTERNAL,
+            f"model '{self.model_name}' execution exceeded the execution timeout of {timeout_ms:g} ms "
+            "(execution_timeout_microseconds); the instance was replaced")
+        for r in batch:
+            self._resolve(r, error, True)
+        self._free += 1  # the replacement instance
+        if self._preserve:
+            self._release()
+        if self._waiting:
+            self._pump()
+
     def _finish(self, batch: tuple[Pending, ...], result: Any) -> None:
         """Event loop: resolve the batch's futures, free the instance, pump."""
+        if self._exec_timeout_s:
+            watchdog = self._watchdogs.pop(batch, None)
+            if watchdog is not None:
+                watchdog.cancel()
+            elif batch not in self._running:
+                return  # abandoned after the execution timeout: its requests already failed
         self._free += 1
         self._running.discard(batch)
         if isinstance(result, KilnError):

@@ -36,6 +36,7 @@ FAMILIES = {
     "kiln_requests_total": "counter",
     "kiln_inferences_total": "counter",
     "kiln_executions_total": "counter",
+    "kiln_instance_replacements_total": "counter",
     "kiln_queue_depth": "gauge",
     "kiln_queue_capacity": "gauge",
     "kiln_inflight_requests": "gauge",
@@ -112,6 +113,9 @@ class KilnCollector(Collector):
             labels=labels + ["outcome"])
         inferences = CounterMetricFamily("kiln_inferences", "Rows inferred (sum of batch sizes).", labels=labels)
         executions = CounterMetricFamily("kiln_executions", "Batches executed.", labels=labels)
+        replacements = CounterMetricFamily(
+            "kiln_instance_replacements", "Instances abandoned and replaced after an execution ran past the "
+            "model's execution timeout (config parameter execution_timeout_microseconds).", labels=labels)
         depth = GaugeMetricFamily("kiln_queue_depth", "Requests waiting in the batcher queue.", labels=labels)
         capacity = GaugeMetricFamily(
             "kiln_queue_capacity", "Most requests the batcher queue holds (sum of max_queue_size over priority "
@@ -138,6 +142,7 @@ class KilnCollector(Collector):
                 depth.add_metric(lv, scheduler.queue_depth)
                 capacity.add_metric(lv, queue_capacity(version.config))
                 inflight.add_metric(lv, scheduler.inflight)
+                replacements.add_metric(lv, getattr(scheduler, "instance_replacements", 0))
                 snap = version.stats.snapshot()
                 outcomes = dict.fromkeys(PRESET_OUTCOMES, 0)
                 outcomes.update(snap.failures)
@@ -164,7 +169,7 @@ class KilnCollector(Collector):
         if self.unrouted is not None:
             for (model, outcome), count in sorted(self.unrouted.snapshot().items()):
                 requests.add_metric([model, "", outcome], count)
-        return [request, queue, compute, batch, requests, inferences, executions, depth, capacity, inflight, ready]
+        return [request, queue, compute, batch, requests, inferences, executions, replacements, depth, capacity, inflight, ready]
 
 
 def queue_capacity(config) -> int:

@@ -321,6 +321,7 @@ class ModelRepository:
         if not selected:
             raise ConfigError(f"no version directory matches the version policy (found {on_disk or 'none'})")
         filename = proto.default_model_filename or MODEL_FILENAMES[platform]
+        check_model_filename(filename, platform)
         loaded: dict[int, ModelVersion] = {}
         try:
             for number in sorted(selected, reverse=True):
@@ -357,6 +358,7 @@ class ModelRepository:
             on_execution=stats.record_execution,
             # an execution timeout can only be enforced on an instance thread
             inline_max_us=0 if config.execution_timeout_microseconds else config.inline_execution_max_microseconds,
+            execution_timeout_s=config.execution_timeout_microseconds / 1e6,
         )
         return ModelVersion(name, number, config, proto, runtime, scheduler, stats)
 
@@ -382,6 +384,17 @@ class ModelRepository:
             log.info("model '%s' removed from disk; unloading", name)
             await self.unload(name)
             self.models.pop(name, None)
+
+
+def check_model_filename(filename: str, platform: str) -> None:
+    """Only the platform's own model file type, inside its version directory, is ever opened:
+    no path separators, no other extensions (a .pkl or .pt file is never loaded, nothing is unpickled)."""
+    suffix = Path(MODEL_FILENAMES[platform]).suffix
+    if filename != Path(filename).name or filename in (".", "..") or "\\" in filename:
+        raise ConfigError(f"default_model_filename '{filename}' must be a file name, without a path")
+    if Path(filename).suffix != suffix:
+        raise ConfigError(
+            f"default_model_filename '{filename}' is not a {platform} model file: expected a '{suffix}' file")
 
 
 def to_model_config_for_loading(proto: mc.ModelConfig, platform: str) -> ModelConfig:
