@@ -178,3 +178,22 @@ def test_tensorrt_profile_plan() -> None:
         trt_profiles([("x", ["batch", 256])], 4, [], parse_dim_ranges(["seq=1:2:3"]))
     with pytest.raises(ExportError):
         parse_dim_ranges(["seq=4:2:3"])
+
+
+def test_export_state_dict(tmp_path: Path) -> None:
+    """--state-dict weights (torch.load weights_only=True) replace the factory's; parity runs on them."""
+    import onnxruntime as ort
+
+    from export.zoo import build_mlp
+
+    trained = build_mlp(seed=5)
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    repo = tmp_path / "repo"
+    assert CASES["mlp"].export(repo, "--state-dict", str(tmp_path / "w.pt"), "--parity-batch-sizes", "3") == 0
+    x = np.random.default_rng(1).standard_normal((3, 256), dtype=np.float32)
+    (y,) = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx")).run(["y"], {"x": x})
+    np.testing.assert_allclose(y, trained(torch.from_numpy(x)).detach().numpy(), atol=1e-5, rtol=1e-4)
+    assert json.loads((repo / "mlp" / "1" / "export.json").read_text())["state_dict"] == str(tmp_path / "w.pt")
+    torch.save({"fc1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    assert CASES["mlp"].export(tmp_path / "repo2", "--state-dict", str(tmp_path / "bad.pt")) == 1
+    assert not (tmp_path / "repo2" / "mlp").exists()
