@@ -41,6 +41,9 @@ class OrtOptions:
     intra_op_threads: int = 0  # 0: ORT's default (one per core)
     inter_op_threads: int = 0
     parallel_execution: bool = False
+    # ORT's intra-op threads spin while waiting for work; on few cores that spinning takes CPU
+    # from the event loop. "allow_spinning" "0" makes them sleep instead.
+    allow_spinning: bool = True
     graph_level: int = 2  # -1 disable, 0 basic, 1 extended, 2 all
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     device_id: int = 0
@@ -67,6 +70,7 @@ class OrtOptions:
             intra_op_threads=int_param("intra_op_thread_count", 0),
             inter_op_threads=int_param("inter_op_thread_count", 0),
             parallel_execution=int_param("execution_mode", 0) == 1,
+            allow_spinning=int_param("allow_spinning", 1) != 0,
             graph_level=level,
             providers=_providers_for(config),
             device_id=config.instance_group.gpus[0] if config.instance_group.gpus else 0,
@@ -102,6 +106,9 @@ class OnnxRuntime:
         self.options = options
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
+        if not options.allow_spinning:
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.execution_mode = (
             ort.ExecutionMode.ORT_PARALLEL if options.parallel_execution else ort.ExecutionMode.ORT_SEQUENTIAL
