@@ -44,6 +44,8 @@ class ServerSettings:
     latency_buckets: tuple[float, ...] | None = None  # None: KILN_LATENCY_BUCKETS or the defaults
     access_log: bool = False  # one log line per inference request (logger kiln.access)
     extra_options: list = field(default_factory=list)
+    reuse_port: bool = False  # SO_REUSEPORT on the gRPC port, so that `kiln serve --workers N` processes share it
+    private_host: str | None = None  # also listen on an ephemeral port of this host (workers reach each other there)
 
 
 def _reflection_pool():
@@ -59,8 +61,9 @@ def _reflection_pool():
 class KilnServer:
     """A running kiln: call start(), then wait_closed(); stop() drains and exits."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, service_factory=InferenceService) -> None:
         self.settings = settings
+        self.service_factory = service_factory  # DataPlane -> servicer (server/workers.py passes its own)
         self.repository = ModelRepository(
             settings.model_repository,
             control_mode=settings.control_mode,
@@ -76,6 +79,7 @@ class KilnServer:
         )
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.private_grpc_port: int | None = None  # with settings.private_host
         self.metrics_registry = None  # the /metrics CollectorRegistry, once started
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
@@ -87,11 +91,11 @@ class KilnServer:
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             *settings.extra_options,
         ]
         server = grpc.aio.server(options=options)
-        add_inference_service(InferenceService(self.dataplane), server)
+        add_inference_service(self.service_factory(self.dataplane), server)
         self.health = HealthService(self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names = (
@@ -105,6 +109,10 @@ class KilnServer:
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         self.grpc_port = port
+        if settings.private_host:
+            self.private_grpc_port = server.add_insecure_port(f"{settings.private_host}:0")
+            if self.private_grpc_port == 0:
+                raise OSError(f"cannot listen on {settings.private_host}:0")
         if settings.metrics_port is not None and settings.allow_metrics:
             self.metrics_registry = build_registry(self.repository, self.dataplane.unrouted)
             self._metrics_http, _ = start_http_server(

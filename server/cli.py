@@ -51,6 +51,11 @@ def _add_serve(sub) -> None:
         help="latency histogram bucket bounds in seconds, comma-separated (default: $KILN_LATENCY_BUCKETS or 50us..10s)",
     )
     p.add_argument("--access-log", action="store_true", help="log one line per inference request (model, version, outcome, duration)")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="serving processes sharing the gRPC port (SO_REUSEPORT; one client connection lands on one of "
+        "them); each batches on its own; statistics, metrics and load/unload span all (default: 1)",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -58,6 +63,9 @@ def _serve(args) -> int:
     configure_logging(args.log_format, args.log_level.upper())
     if not args.model_repository.is_dir():
         print(f"kiln serve: model repository '{args.model_repository}' is not a directory", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"kiln serve: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     try:
         buckets = latency_buckets(args.latency_buckets)
@@ -80,6 +88,10 @@ def _serve(args) -> int:
         latency_buckets=buckets,
         access_log=args.access_log,
     )
+    if args.workers > 1:
+        from server.workers import run_supervisor
+
+        return run_supervisor(settings, args.workers, args.log_format, args.log_level.upper())
     asyncio.run(serve(settings))
     return 0
 
