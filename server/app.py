@@ -25,6 +25,7 @@ from server.service import InferenceService, add_inference_service
 log = logging.getLogger("kiln.app")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SHUTDOWN_LINGER_S = 0.25  # after the drain: refusals go on this long, then open streams get as long again
 
 
 @dataclass
@@ -139,11 +140,24 @@ class KilnServer:
         """Refuse new work at once, let accepted requests finish within the grace period, then close."""
         if self._stopped.is_set():
             return
-        log.info("shutting down: draining for up to %.0f s", self.settings.grace_period_s)
+        grace = self.settings.grace_period_s
+        log.info("shutting down: draining for up to %.0f s", grace)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # 1. refuse new work (UNAVAILABLE, health NOT_SERVING) while the port still answers, so clients
+        #    and probes get a clear answer instead of a cancelled call ...
         self.dataplane.shutting_down = True
         self.health.notify()
+        # 2. ... let every accepted request finish within the grace period ...
+        if not await self.dataplane.wait_idle(grace):
+            log.warning("grace period of %.0f s over: cancelling the requests still running", grace)
+        # 3. ... keep refusing a moment longer: calls that reached the port while the loop was busy are
+        #    answered UNAVAILABLE (closing the port now would cancel them unanswered) ...
         if self._server is not None:
-            await self._server.stop(self.settings.grace_period_s)
+            await asyncio.sleep(min(max(grace - (loop.time() - started), 0.0), SHUTDOWN_LINGER_S))
+        # 4. ... then close the port: what is left (health watches, idle streams) gets a moment.
+        if self._server is not None:
+            await self._server.stop(min(max(grace - (loop.time() - started), 0.0), SHUTDOWN_LINGER_S))
         await self.repository.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

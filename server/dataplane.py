@@ -23,6 +23,19 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.shutting_down = False
         self.unrouted = UnroutedRequests(repository.models)  # requests that reach no model version
+        self._inflight = 0  # requests inside infer(): accepted, not yet answered
+        self._idle: asyncio.Event | None = None
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (at most timeout_s) until no accepted request is left; True when none is."""
+        if self._inflight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(timeout_s, 0.0))
+            except (TimeoutError, asyncio.TimeoutError):
+                return False
+        return True
 
     def live(self) -> bool:
         return True
@@ -47,6 +60,23 @@ class DataPlane:
         started_ns: int,
     ) -> dict[str, np.ndarray]:
         """Schedule one request on `model`, record its statistics, return the selected outputs."""
+        self._inflight += 1
+        try:
+            return await self._infer(model, inputs, output_names, parameters, deadline, started_ns)
+        finally:
+            self._inflight -= 1
+            if not self._inflight and self._idle is not None:
+                self._idle.set()
+
+    async def _infer(
+        self,
+        model: ModelVersion,
+        inputs: Mapping[str, np.ndarray],
+        output_names: list[str],
+        parameters: InferParameters,
+        deadline: float | None,
+        started_ns: int,
+    ) -> dict[str, np.ndarray]:
         try:
             outputs, timings = await model.scheduler.submit(
                 dict(inputs), priority=parameters.priority, timeout_us=parameters.timeout_us, deadline=deadline
