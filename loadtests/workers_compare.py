@@ -1,0 +1,157 @@
+"""`kiln serve --workers N` for several N, same load, same run, rounds in alternating order.
+
+    python -m loadtests.workers_compare                       # workers 1,2,3; mlp; c = 16, 64
+    python -m loadtests.workers_compare --workers 1,2 --rounds 4 --processes 2 --connections 16
+
+Each round starts one server per N (explicit mode, only --model loaded), waits until every
+worker is ready, runs `kiln bench` closed loop per concurrency with --processes client processes
+and --connections TCP connections (SO_REUSEPORT spreads connections, not requests, over the
+workers), reads the server's CPU from its merged /metrics (process_cpu_seconds_total, summed over
+the workers), then stops it with SIGTERM. Rounds alternate the order of N (1,2,3 then 3,2,1 ...),
+so a drift of the machine's load hits every N alike. Prints per-round and mean tables; --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import grpc  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from loadtests.bench import report as rp  # noqa: E402
+from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
+from loadtests.peers.compare import free_port  # noqa: E402
+from server.protocol import grpc_service_pb2 as pb  # noqa: E402
+from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+
+def wait_ready(url: str, model: str, workers: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Ready when `model` is ready on `workers` distinct workers (fresh connections until all seen)."""
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        channel = grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            _, call = stub.ServerMetadata.with_call(pb.ServerMetadataRequest(), timeout=2)
+            if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=2).ready:
+                seen.add(dict(call.trailing_metadata() or ()).get("kiln-worker", "0"))
+                if len(seen) >= workers:
+                    return
+        except grpc.RpcError:
+            time.sleep(0.2)
+        finally:
+            channel.close()
+    raise RuntimeError(f"{url}: {model} not ready on {workers} workers within {timeout:.0f} s")
+
+
+def server_cpu_s(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "process_cpu_seconds"
+               for s in f.samples if s.name == "process_cpu_seconds_total")
+
+
+def run_one(workers: int, args, out_dir: Path) -> list[dict]:
+    port, metrics_port = free_port(), free_port()
+    url = f"127.0.0.1:{port}"
+    log_path = out_dir / f"serve-w{workers}-{port}.log"
+    cmd = [sys.executable, "-m", "server", "serve", "--workers", str(workers), "--grpc-port", str(port),
+           "--metrics-port", str(metrics_port), "--model-repository", str(args.model_repository),
+           "--model-control-mode", "explicit", "--load-model", args.model, "--log-level", "WARNING"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        steps = []
+        try:
+            wait_ready(url, args.model, workers, proc)
+            for concurrency in args.concurrency:
+                cfg = BenchConfig(url=url, model=args.model, concurrency=[concurrency], duration_s=args.duration,
+                                  warmup_s=args.warmup, processes=args.processes, connections=args.connections)
+                cpu_before, t0 = server_cpu_s(metrics_port), time.monotonic()
+                report = run_bench(cfg, out=io.StringIO(), progress=False)
+                cpu_after, t1 = server_cpu_s(metrics_port), time.monotonic()
+                (step,) = report["steps"]
+                step["workers"] = workers
+                step["server_cpu_cores"] = (cpu_after - cpu_before) / (t1 - t0)
+                steps.append(step)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code != 0:
+                print(f"  workers {workers}: server exit code {code} (log {log_path})", file=sys.stderr)
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repo")
+    p.add_argument("--workers", default="1,2,3", help="comma-separated worker counts (default: 1,2,3)")
+    p.add_argument("--concurrency", default="16,64", help="closed-loop concurrencies (default: 16,64)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--processes", type=int, default=2, help="client processes (default: 2)")
+    p.add_argument("--connections", type=int, default=8, help="client connections in all (default: 8)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    counts = [int(w) for w in args.workers.split(",")]
+    out_dir = REPO_ROOT / "loadtests" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now()
+    machine = rp.machine_info()
+    print(f"workers {counts}, {args.model}, c={args.concurrency}, {args.processes} client processes, "
+          f"{args.connections} connections, {args.rounds} rounds; machine nproc {machine['nproc']}, "
+          f"load {machine['loadavg']}", flush=True)
+    results: list[dict] = []
+    for round_ in range(args.rounds):
+        order = counts if round_ % 2 == 0 else counts[::-1]
+        for workers in order:
+            for step in run_one(workers, args, out_dir):
+                step["round"] = round_
+                results.append(step)
+                lat = step["latency_ms"]
+                print(f"round {round_} workers {workers} c={step['concurrency']}: {step['throughput_rps']:.0f} req/s, "
+                      f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, errors {step['error_count']}, "
+                      f"server {step['server_cpu_cores']:.2f} cores, client {step['client']['cpu_cores']:.2f} cores, "
+                      f"avg batch {((step.get('server') or {}).get('avg_batch') or 0):.2f}", flush=True)
+    print("\n| workers | c | req/s (mean) | per round | p50 ms | p99 ms | server cores | client cores |")
+    print("|---|---|---|---|---|---|---|---|")
+    for concurrency in args.concurrency:
+        for workers in counts:
+            rows = [r for r in results if r["workers"] == workers and r["concurrency"] == concurrency]
+            mean = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
+            print(f"| {workers} | {concurrency} | {mean(lambda r: r['throughput_rps']):.0f} | "
+                  f"{' / '.join('%.0f' % r['throughput_rps'] for r in rows)} | "
+                  f"{mean(lambda r: r['latency_ms']['p50']):.2f} | {mean(lambda r: r['latency_ms']['p99']):.2f} | "
+                  f"{mean(lambda r: r['server_cpu_cores']):.2f} | {mean(lambda r: r['client']['cpu_cores']):.2f} |")
+    path = args.json or out_dir / f"workers-{started:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps({"started": started.isoformat(), "machine": machine, "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "steps": results}, indent=1))
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
