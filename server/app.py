@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
+from server.auth import TokenAuthInterceptor, read_token_file
 from server.dataplane import DataPlane
 from server.health import HealthService
 from server import stats
@@ -25,7 +26,8 @@ from server.service import InferenceService, add_inference_service
 log = logging.getLogger("kiln.app")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SHUTDOWN_LINGER_S = 0.25  # after the drain: refusals go on this long, then open streams get as long again
+SHUTDOWN_LINGER_S = 0.25  # after the drain: refusals go on at most this long, then open streams get as long
+SHUTDOWN_QUIET_S = 0.02  # ... but the port closes after this long without a refusal
 
 
 @dataclass
@@ -47,6 +49,38 @@ class ServerSettings:
     extra_options: list = field(default_factory=list)
     reuse_port: bool = False  # SO_REUSEPORT on the gRPC port, so that `kiln serve --workers N` processes share it
     private_host: str | None = None  # also listen on an ephemeral port of this host (workers reach each other there)
+    tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC port (with tls_key)
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_client_ca: Path | None = None  # PEM CA bundle: mutual TLS, clients must present a certificate it signed
+    auth_token_file: Path | None = None  # bearer tokens (one per line) every inference RPC needs
+    admin_token_file: Path | None = None  # bearer tokens allowed to load/unload models
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port from the settings' PEM files; None without --tls-cert."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    try:
+        chain = Path(settings.tls_cert).read_bytes()
+        key = Path(settings.tls_key).read_bytes()
+        client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ValueError(f"cannot read a TLS file: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def auth_interceptors(settings: ServerSettings) -> list:
+    """The token interceptor when --auth-token-file or --admin-token-file is set (else none: no cost)."""
+    if settings.auth_token_file is None and settings.admin_token_file is None:
+        return []
+    tokens = read_token_file(settings.auth_token_file) if settings.auth_token_file else ()
+    admin = read_token_file(settings.admin_token_file) if settings.admin_token_file else ()
+    return [TokenAuthInterceptor(tokens, admin)]
 
 
 def _reflection_pool():
@@ -95,7 +129,7 @@ class KilnServer:
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             *settings.extra_options,
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=auth_interceptors(settings))
         add_inference_service(self.service_factory(self.dataplane), server)
         self.health = HealthService(self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -106,7 +140,11 @@ class KilnServer:
         )
         reflection.enable_server_reflection(service_names, server, pool=_reflection_pool())
         address = f"{settings.host}:{settings.grpc_port}"
-        port = server.add_insecure_port(address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         self.grpc_port = port
@@ -123,8 +161,11 @@ class KilnServer:
         await server.start()
         self._server = server
         log.info(
-            "kiln serving %s on %s:%s (metrics on port %s), control mode %s",
-            settings.model_repository, settings.host, port, self.metrics_port, settings.control_mode.value,
+            "kiln serving %s on %s:%s%s (metrics on port %s), control mode %s%s",
+            settings.model_repository, settings.host, port,
+            "" if credentials is None else " with TLS" + (" (client certificates required)" if settings.tls_client_ca else ""),
+            self.metrics_port, settings.control_mode.value,
+            ", bearer tokens required" if settings.auth_token_file else "",
         )
         if load_models:
             await self.repository.start()
@@ -154,7 +195,11 @@ class KilnServer:
         # 3. ... keep refusing a moment longer: calls that reached the port while the loop was busy are
         #    answered UNAVAILABLE (closing the port now would cancel them unanswered) ...
         if self._server is not None:
-            await asyncio.sleep(min(max(grace - (loop.time() - started), 0.0), SHUTDOWN_LINGER_S))
+            linger_end = min(loop.time() + SHUTDOWN_LINGER_S, started + grace)
+            refused = -1
+            while refused != self.dataplane.refused and loop.time() < linger_end:
+                refused = self.dataplane.refused  # until a quiet moment with no refusal
+                await asyncio.sleep(SHUTDOWN_QUIET_S)
         # 4. ... then close the port: what is left (health watches, idle streams) gets a moment.
         if self._server is not None:
             await self._server.stop(min(max(grace - (loop.time() - started), 0.0), SHUTDOWN_LINGER_S))

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings, serve
+from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings, auth_interceptors, serve, server_credentials
 from server.logs import configure_logging
 from server.metrics import latency_buckets
 from server.repository import ControlMode
@@ -56,6 +56,16 @@ def _add_serve(sub) -> None:
         help="serving processes sharing the gRPC port (SO_REUSEPORT; one client connection lands on one of "
         "them); each batches on its own; statistics, metrics and load/unload span all (default: 1)",
     )
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="certificate chain: serve gRPC over TLS (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                   help="CA bundle: mutual TLS, every client must present a certificate signed by it")
+    p.add_argument("--auth-token-file", type=Path, default=None, metavar="FILE",
+                   help="bearer tokens, one per line: every inference RPC needs 'authorization: Bearer <token>' "
+                   "(health, reflection and /metrics stay open)")
+    p.add_argument("--admin-token-file", type=Path, default=None, metavar="FILE",
+                   help="bearer tokens, one per line, allowed to load/unload models (with auth on and no admin "
+                   "file, nobody may)")
     p.set_defaults(handler=_serve)
 
 
@@ -87,7 +97,18 @@ def _serve(args) -> int:
         allow_metrics=args.allow_metrics,
         latency_buckets=buckets,
         access_log=args.access_log,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+        admin_token_file=args.admin_token_file,
     )
+    try:  # unreadable TLS or token files: a clear message now, not a traceback at start
+        server_credentials(settings)
+        auth_interceptors(settings)
+    except (OSError, ValueError) as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
     if args.workers > 1:
         from server.workers import run_supervisor
 

@@ -23,6 +23,7 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.shutting_down = False
         self.unrouted = UnroutedRequests(repository.models)  # requests that reach no model version
+        self.refused = 0  # calls refused because the server is shutting down
         self._inflight = 0  # requests inside infer(): accepted, not yet answered
         self._idle: asyncio.Event | None = None
 
@@ -47,6 +48,7 @@ class DataPlane:
 
     def model(self, name: str, version: str = "") -> ModelVersion:
         if self.shutting_down:
+            self.refused += 1
             raise unavailable("server is shutting down")
         return self.repository.get(name, version)
 
