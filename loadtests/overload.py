@@ -1,0 +1,285 @@
+"""Overload: what a bounded queue buys when clients send several times what the model can serve.
+
+Starts `kiln serve` on a copy of a model (default model_repo/mlp) with a bounded queue
+(dynamic_batching max_queue_size), then, each step measured from the client side:
+
+  1. idle      one request at a time: idle p50
+  2. capacity  closed loop, many requests in flight: the throughput the server sustains (C)
+  3. 80%       open loop at 0.8 x C: p99 of the (all accepted) requests
+  4. overload  open loop at each FACTOR x C: accepted requests' p99, refusals (UNAVAILABLE
+               "queue is full") and how fast they come back, anything else (must be none)
+  5. recovery  one second after the overload stops: p50 of one request at a time
+
+Checks (exit 1 when one fails): overload p99 of accepted <= 2 x p99 at 80%; recovery p50
+within 20% of idle p50; no request failed with anything but a queue-full refusal.
+
+    .venv/bin/python -m loadtests.overload --duration 10 --factors 3,5 --json overload.json
+
+Client processes share the machine with the server: on a small machine they take CPU from it,
+which the figures include (the report prints the core count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from server.protocol import grpc_service_pb2 as pb  # noqa: E402
+from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+CALL = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_request(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
+    x = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=[rows, width])
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+def with_queue_limit(config: str, max_queue_size: int) -> str:
+    policy = f"default_queue_policy {{ max_queue_size: {max_queue_size} }}"
+    if "dynamic_batching {" in config:
+        return config.replace("dynamic_batching {", f"dynamic_batching {{ {policy}", 1)
+    return config + f"\ndynamic_batching {{ {policy} }}\n"
+
+
+class KilnProcess:
+    """`kiln serve` on a temporary repository with one model, its queue bounded."""
+
+    def __init__(self, source: Path, max_queue_size: int, extra_args: list[str] | None = None) -> None:
+        extra_args = list(extra_args or [])
+        self.dir = Path(tempfile.mkdtemp(prefix="kiln-overload-"))
+        repo = self.dir / "repo"
+        shutil.copytree(source, repo / source.name)
+        config = repo / source.name / "config.pbtxt"
+        if max_queue_size:
+            config.write_text(with_queue_limit(config.read_text(), max_queue_size))
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log = open(self.dir / "serve.log", "w")
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(self.port),
+             "--metrics-port", "-1", *extra_args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(self.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while True:
+                try:
+                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                        break
+                except grpc.RpcError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"kiln serve did not start:\n{(self.dir / 'serve.log').read_text()}")
+                time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = -9
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return code
+
+
+# ---- load generation (client processes, one asyncio loop each) ----------------------------------
+
+
+async def _open_loop(url: str, request: bytes, rate: float, duration: float, start_at: float, seed: int):
+    """Poisson arrivals at `rate`/s from start_at for `duration` s; (sent offset, latency, code) each."""
+    rng = np.random.default_rng(seed)
+    channels = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1), ("x", i)])
+                for i in range(4)]
+    calls = [c.unary_unary(CALL) for c in channels]
+    results: list[tuple[float, float, str]] = []
+    tasks = set()
+
+    async def one(call, sent: float) -> None:
+        try:
+            await call(request, timeout=30)
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name + (":queue_full" if "queue is full" in (exc.details() or "") else f":{(exc.details() or '')[:60]}")
+        results.append((sent - start_at, time.monotonic() - sent, code))
+
+    when = start_at
+    end = start_at + duration
+    i = 0
+    while True:
+        when += rng.exponential(1.0 / rate)
+        if when >= end:
+            break
+        delay = when - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(calls[i % len(calls)], time.monotonic()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    await asyncio.gather(*list(tasks))
+    for c in channels:
+        await c.close()
+    return results
+
+
+async def _closed_loop(url: str, request: bytes, concurrency: int, duration: float, start_at: float):
+    channels = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1), ("x", i)])
+                for i in range(4)]
+    calls = [c.unary_unary(CALL) for c in channels]
+    results: list[tuple[float, float, str]] = []
+    end = start_at + duration
+
+    async def user(k: int) -> None:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        while (sent := time.monotonic()) < end:
+            try:
+                await calls[k % len(calls)](request, timeout=30)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            results.append((sent - start_at, time.monotonic() - sent, code))
+
+    await asyncio.gather(*(user(k) for k in range(concurrency)))
+    for c in channels:
+        await c.close()
+    return results
+
+
+def _client(args) -> list[tuple[float, float, str]]:
+    kind, url, request, value, duration, start_at, seed = args
+    if kind == "open":
+        return asyncio.run(_open_loop(url, request, value, duration, start_at, seed))
+    return asyncio.run(_closed_loop(url, request, int(value), duration, start_at))
+
+
+def run_load(pool, kind: str, url: str, request: bytes, value: float, duration: float, processes: int):
+    """value: total rate (open) or total in-flight requests (closed), split over the processes."""
+    start_at = time.monotonic() + 0.3
+    parts = [(kind, url, request, value / processes, duration, start_at, seed) for seed in range(processes)]
+    rows = [row for part in pool.map(_client, parts) for row in part]
+    return rows
+
+
+def sequential(url: str, request: bytes, duration: float) -> np.ndarray:
+    with grpc.insecure_channel(url) as channel:
+        call = channel.unary_unary(CALL)
+        latencies = []
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            sent = time.monotonic()
+            call(request, timeout=10)
+            latencies.append(time.monotonic() - sent)
+    return np.array(latencies)
+
+
+def pct(values, q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1000 if len(values) else None
+
+
+def summarize(rows, duration: float) -> dict:
+    ok = [lat for _, lat, code in rows if code == "OK"]
+    full = [lat for _, lat, code in rows if code.endswith(":queue_full")]
+    other = sorted({code for _, _, code in rows if code != "OK" and not code.endswith(":queue_full")})
+    return {
+        "sent": len(rows), "offered_per_s": round(len(rows) / duration, 1), "accepted": len(ok),
+        "accepted_per_s": round(len(ok) / duration, 1), "refused_queue_full": len(full),
+        "other_failures": len(rows) - len(ok) - len(full), "other_codes": other,
+        "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99), "refusal_p99_ms": pct(full, 99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "model_repo" / "mlp",
+                        help="model directory to serve (default: model_repo/mlp)")
+    parser.add_argument("--width", type=int, default=256, help="input width of the model's FP32 input x (default: 256)")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (default: 1)")
+    parser.add_argument("--max-queue-size", type=int, default=32, help="the queue bound (default: 32)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per step (default: 10)")
+    parser.add_argument("--factors", default="3", help="overload factors x capacity, comma-separated (default: 3)")
+    parser.add_argument("--processes", type=int, default=2, help="client processes (default: 2)")
+    parser.add_argument("--concurrency", type=int, default=128, help="in-flight requests for the capacity step (default: 128)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    server = KilnProcess(args.model_dir, args.max_queue_size)
+    request = make_request(args.model_dir.name, args.width, args.rows)
+    report: dict = {"cores": os.cpu_count(), "rows": args.rows, "max_queue_size": args.max_queue_size, "duration_s": args.duration,
+                    "model": args.model_dir.name, "steps": {}}
+    ctx = mp.get_context("spawn")
+    try:
+        with ctx.Pool(args.processes) as pool:
+            sequential(server.url, request, 1.0)  # warm-up
+            idle = sequential(server.url, request, 3.0)
+            report["idle_p50_ms"] = pct(idle, 50)
+            print(f"idle p50 {report['idle_p50_ms']:.3f} ms", flush=True)
+            cap = summarize(run_load(pool, "closed", server.url, request, args.concurrency, args.duration,
+                                     args.processes), args.duration)
+            capacity = cap["accepted_per_s"]
+            report["steps"]["capacity"] = cap
+            print(f"capacity {capacity:.0f} req/s (closed loop, {args.concurrency} in flight): {cap}", flush=True)
+            base = summarize(run_load(pool, "open", server.url, request, 0.8 * capacity, args.duration,
+                                      args.processes), args.duration)
+            report["steps"]["load_80pct"] = base
+            print(f"80% load: {base}", flush=True)
+            verdicts = []
+            for factor in [float(f) for f in args.factors.split(",")]:
+                rows = run_load(pool, "open", server.url, request, factor * capacity, args.duration, args.processes)
+                stopped = time.monotonic()
+                over = summarize(rows, args.duration)
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - stopped)))
+                after = sequential(server.url, request, 2.0)
+                over["recovery_p50_ms"] = pct(after, 50)
+                report["steps"][f"overload_{factor:g}x"] = over
+                print(f"{factor:g}x load: {over}", flush=True)
+                verdicts.append((f"{factor:g}x: accepted p99 {over['p99_ms']:.2f} ms <= 2 x {base['p99_ms']:.2f} ms",
+                                 over["p99_ms"] is not None and over["p99_ms"] <= 2 * base["p99_ms"]))
+                verdicts.append((f"{factor:g}x: recovery p50 {over['recovery_p50_ms']:.3f} ms within 20% of idle "
+                                 f"{report['idle_p50_ms']:.3f} ms",
+                                 abs(over["recovery_p50_ms"] - report["idle_p50_ms"]) <= 0.2 * report["idle_p50_ms"]))
+                verdicts.append((f"{factor:g}x: no failure but queue-full refusals ({over['other_codes']})",
+                                 over["other_failures"] == 0))
+    finally:
+        report["server_exit_code"] = server.stop()
+    verdicts.append((f"server exited {report['server_exit_code']} on SIGTERM", report["server_exit_code"] == 0))
+    report["checks"] = [{"check": text, "passed": ok} for text, ok in verdicts]
+    print("\nchecks:")
+    for text, ok in verdicts:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0 if all(ok for _, ok in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
