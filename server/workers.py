@@ -194,27 +194,24 @@ class Siblings:
     def __init__(self, run_dir: Path, index: int) -> None:
         self.path = Path(run_dir) / PEERS_FILE
         self.index = index
-        self._mtime_ns = -1
         self._peers: dict[int, str] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def peers(self) -> dict[int, str]:
-        """index -> private address of every other worker that has reported."""
+        """index -> private address of every other worker that has reported. Read anew on every call
+        (a few hundred bytes, read only by statistics and load/unload calls): file timestamps are too
+        coarse to tell two quick rewrites apart."""
         try:
-            mtime_ns = self.path.stat().st_mtime_ns
+            rows = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return {}
-        if mtime_ns != self._mtime_ns:
-            try:
-                rows = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                return self._peers
-            self._mtime_ns = mtime_ns
-            self._peers = {int(r["index"]): r["address"] for r in rows if int(r["index"]) != self.index}
-            for address in set(self._channels) - set(self._peers.values()):
-                channel = self._channels.pop(address)
-                task = asyncio.ensure_future(channel.close())
-                task.add_done_callback(lambda t: t.exception())
+            rows = []
+        except (OSError, ValueError):  # never half-written (os.replace), but keep the last good list
+            return self._peers
+        self._peers = {int(r["index"]): r["address"] for r in rows if int(r["index"]) != self.index}
+        for address in set(self._channels) - set(self._peers.values()):
+            channel = self._channels.pop(address)
+            task = asyncio.ensure_future(channel.close())
+            task.add_done_callback(lambda t: t.exception())
         return self._peers
 
     def stub(self, address: str) -> pb_grpc.GRPCInferenceServiceStub:
@@ -521,8 +518,12 @@ class Supervisor:
             if settings.metrics_port is not None and settings.allow_metrics:
                 registry = CollectorRegistry(auto_describe=False)
                 registry.register(WorkerMetricsCollector(self))
-                self._metrics_http, _ = start_http_server(
-                    settings.metrics_port, addr=settings.metrics_host or settings.host, registry=registry)
+                metrics_host = settings.metrics_host or settings.host
+                try:
+                    self._metrics_http, _ = start_http_server(settings.metrics_port, addr=metrics_host, registry=registry)
+                except OSError as exc:
+                    log.error("cannot serve metrics on %s:%s: %s", metrics_host, settings.metrics_port, exc)
+                    return 1
                 self.metrics_port = self._metrics_http.server_port
             wake_r.setblocking(False)
             wake_w.setblocking(False)
