@@ -270,3 +270,10 @@ process_open_fds {requests}
     assert values[("process_open_fds", (("worker", "0"),))] == 3
     assert values[("process_open_fds", (("worker", "1"),))] == 4
     assert merged["kiln_batch_size"].type == "histogram"
+
+
+def test_workers_must_be_positive(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "server", "serve", "--workers", "0", "--model-repository", str(tmp_path)],
+                            env=kiln_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--workers must be >= 1" in result.stderr
