@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
