@@ -56,6 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from server.app import KilnServer, ServerSettings
+from server.auth import read_token_file
 from server.errors import KilnError, Status
 from server.logs import configure_logging
 from server.protocol import grpc_service_pb2 as pb
@@ -344,13 +345,24 @@ class _WorkerLogFilter(logging.Filter):
         return True
 
 
+def _own_metadata(settings: ServerSettings) -> tuple[tuple[str, str], ...]:
+    """Metadata of a worker's own call to a sibling: the local flag, and a token of ours when tokens are on."""
+    metadata: tuple[tuple[str, str], ...] = ((LOCAL_METADATA, "1"),)
+    for path in (settings.auth_token_file, settings.admin_token_file):
+        if path is not None:
+            token = read_token_file(path)[0].decode()
+            return metadata + (("authorization", f"Bearer {token}"),)
+    return metadata
+
+
 async def _sync_loaded_models(server: KilnServer, siblings: Siblings, index: int) -> None:
     """A restarted worker in explicit mode loads what its siblings serve (loads it missed)."""
     names: set[str] = set()
+    metadata = _own_metadata(server.settings)
     for address in siblings.peers().values():
         try:
             answer = await siblings.stub(address).RepositoryIndex(
-                pb.RepositoryIndexRequest(ready=True), metadata=((LOCAL_METADATA, "1"),), timeout=STATS_TIMEOUT_S)
+                pb.RepositoryIndexRequest(ready=True), metadata=metadata, timeout=STATS_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot read the repository index of %s: %s", address, exc.details())
             continue
