@@ -62,42 +62,27 @@ class DataPlane:
         started_ns: int,
     ) -> dict[str, np.ndarray]:
         """Schedule one request on `model`, record its statistics, return the selected outputs."""
-        self._inflight += 1
+        self._inflight += 1  # shutdown waits until accepted requests are answered
         try:
-            return await self._infer(model, inputs, output_names, parameters, deadline, started_ns)
+            try:
+                outputs, timings = await model.scheduler.submit(
+                    dict(inputs), priority=parameters.priority, timeout_us=parameters.timeout_us, deadline=deadline
+                )
+                check_outputs(model, outputs, output_names)
+            except KilnError as exc:
+                model.stats.record_failure(exc.status, time.perf_counter_ns() - started_ns)
+                raise
+            except asyncio.CancelledError:
+                model.stats.record_failure(Status.CANCELLED, time.perf_counter_ns() - started_ns)
+                raise
+            model.stats.record_success(timings, time.perf_counter_ns() - started_ns)
+            if len(output_names) == len(outputs):
+                return outputs
+            return {name: outputs[name] for name in output_names}
         finally:
             self._inflight -= 1
             if not self._inflight and self._idle is not None:
                 self._idle.set()
-
-    async def _infer(
-        self,
-        model: ModelVersion,
-        inputs: Mapping[str, np.ndarray],
-        output_names: list[str],
-        parameters: InferParameters,
-        deadline: float | None,
-        started_ns: int,
-    ) -> dict[str, np.ndarray]:
-        try:
-            outputs, timings = await model.scheduler.submit(
-                dict(inputs), priority=parameters.priority, timeout_us=parameters.timeout_us, deadline=deadline
-            )
-        except KilnError as exc:
-            model.stats.record_failure(exc.status, time.perf_counter_ns() - started_ns)
-            raise
-        except asyncio.CancelledError:
-            model.stats.record_failure(Status.CANCELLED, time.perf_counter_ns() - started_ns)
-            raise
-        try:
-            check_outputs(model, outputs, output_names)
-        except KilnError as exc:
-            model.stats.record_failure(exc.status, time.perf_counter_ns() - started_ns)
-            raise
-        model.stats.record_success(timings, time.perf_counter_ns() - started_ns)
-        if len(output_names) == len(outputs):
-            return outputs
-        return {name: outputs[name] for name in output_names}
 
 
 def check_outputs(model: ModelVersion, outputs: Mapping[str, np.ndarray], output_names: list[str]) -> None:
