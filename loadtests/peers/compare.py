@@ -63,6 +63,9 @@ def server_commands(model: str, model_file: Path, repo: Path, port: int) -> dict
     servers: dict[str, tuple[list[str], dict]] = {
         "kiln": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                   "--metrics-port", "-1", "--grace-period", "2"], {}),
+        # two SO_REUSEPORT serving processes: only helps when the load arrives over several connections
+        "kiln-w2": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
+                     "--metrics-port", str(free_port()), "--grace-period", "2", "--workers", "2"], {}),
     }
     floor = REPO_ROOT / "loadtests" / "floor_server.py"
     if floor.is_file():
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default="", help="comma-separated subset (default: every installed one)")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--duration", type=float, default=5.0, help="kiln bench seconds per step (default: 5)")
+    ap.add_argument("--connections", type=int, default=1,
+                    help="kiln bench gRPC connections, the same for every server (default: 1)")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--measurement-interval", type=int, default=5000, help="perf_analyzer ms (default: 5000)")
     ap.add_argument("--no-perf-analyzer", action="store_true")
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     url = f"127.0.0.1:{port}"
                     wait_ready(url, args.model, proc)
-                    cfg = BenchConfig(url=url, model=args.model, concurrency=concurrency, duration_s=args.duration, warmup_s=args.warmup)
+                    cfg = BenchConfig(url=url, model=args.model, concurrency=concurrency, duration_s=args.duration,
+                                      warmup_s=args.warmup, connections=args.connections)
                     for step in run_bench(cfg, progress=False)["steps"]:
                         this["bench"][str(step["concurrency"])] = step
                     if not args.no_perf_analyzer:
