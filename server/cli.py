@@ -117,6 +117,15 @@ def _serve(args) -> int:
     return 0
 
 
+def _add_connection_flags(p) -> None:
+    """How a client command reaches the server: address, TLS and bearer token."""
+    p.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default: 127.0.0.1:8001)")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA certificate to trust: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for a server that requires mutual TLS")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the bearer token to send")
+
+
 def _add_client_commands(sub) -> None:
     p = sub.add_parser(
         "infer",
@@ -125,7 +134,7 @@ def _add_client_commands(sub) -> None:
         "or, when omitted, are random values of the model's declared shape (batch 1).",
     )
     p.add_argument("model", help="model name")
-    p.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default: 127.0.0.1:8001)")
+    _add_connection_flags(p)
     p.add_argument("--model-version", default="", help="version (default: latest ready)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input tensor from a .npy file (repeatable)")
     p.add_argument("--batch-size", type=int, default=1, help="rows of random input when no file is given (default: 1)")
@@ -137,7 +146,7 @@ def _add_client_commands(sub) -> None:
         help="list the repository index of a running server",
         description="Print every model of a running server's repository with its version, state and failure reason.",
     )
-    p.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default: 127.0.0.1:8001)")
+    _add_connection_flags(p)
     p.set_defaults(handler=_models)
 
 

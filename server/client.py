@@ -13,8 +13,34 @@ from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 
 
-def connect(url: str) -> pb_grpc.GRPCInferenceServiceStub:
-    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
+class Connection:
+    """A stub plus the call metadata (bearer token) every call carries."""
+
+    def __init__(self, channel: grpc.Channel, token: str | None = None) -> None:
+        self.stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def call(self, method: str, request, timeout: float):
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+
+
+def connect(url: str, tls_ca=None, tls_cert=None, tls_key=None, token_file=None) -> Connection:
+    """A connection to a kiln server: plaintext, or TLS when a CA is given (mutual with a cert and key)."""
+    if tls_ca is None:
+        channel = grpc.insecure_channel(url)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls_ca.read_bytes(),
+            private_key=tls_key.read_bytes() if tls_key else None,
+            certificate_chain=tls_cert.read_bytes() if tls_cert else None,
+        )
+        channel = grpc.secure_channel(url, credentials)
+    token = token_file.read_text().strip() if token_file else None
+    return Connection(channel, token)
+
+
+def _connect(args) -> Connection:
+    return connect(args.url, args.tls_ca, args.tls_cert, args.tls_key, args.token_file)
 
 
 def random_input(datatype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -53,9 +79,11 @@ def response_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
 
 
 def infer_command(args) -> int:
-    stub = connect(args.url)
+    connection = _connect(args)
     try:
-        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model, version=args.model_version), timeout=args.timeout)
+        meta = connection.call(
+            "ModelMetadata", pb.ModelMetadataRequest(name=args.model, version=args.model_version), args.timeout
+        )
         files = dict(item.split("=", 1) for item in args.input)
         rng = np.random.default_rng()
         arrays = {}
@@ -68,7 +96,7 @@ def infer_command(args) -> int:
         if files:
             print(f"kiln infer: model '{args.model}' has no input(s) {sorted(files)}", file=sys.stderr)
             return 2
-        response = stub.ModelInfer(build_request(args.model, arrays, args.model_version), timeout=args.timeout)
+        response = connection.call("ModelInfer", build_request(args.model, arrays, args.model_version), args.timeout)
     except grpc.RpcError as exc:
         print(f"kiln infer: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -80,9 +108,8 @@ def infer_command(args) -> int:
 
 
 def models_command(args) -> int:
-    stub = connect(args.url)
     try:
-        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+        index = _connect(args).call("RepositoryIndex", pb.RepositoryIndexRequest(), 10)
     except grpc.RpcError as exc:
         print(f"kiln models: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -303,3 +303,22 @@ def _connects_possible(host: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_client_commands_speak_tls_and_tokens(pki, repo, start_server, token_files, tmp_path, capsys):
+    """`kiln infer` and `kiln models` reach a server that wants mutual TLS and a bearer token."""
+    from server.cli import main
+
+    users, admins = token_files
+    server = start_server(repo, tls_cert=pki / "server.crt", tls_key=pki / "server.key", tls_client_ca=pki / "ca.crt",
+                          auth_token_file=users, admin_token_file=admins)
+    token = tmp_path / "my-token"
+    token.write_text(USER + "\n")
+    connection = ["--url", server.url, "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
+                  "--tls-key", str(pki / "client.key")]
+    assert main(["models", *connection, "--token-file", str(token)]) == 0
+    assert "READY" in capsys.readouterr().out
+    assert main(["infer", "s", *connection, "--token-file", str(token)]) == 0
+    assert "model s version 1" in capsys.readouterr().out
+    assert main(["infer", "s", *connection]) == 1  # no token
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
