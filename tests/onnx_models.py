@@ -92,3 +92,15 @@ output [
 ]
 {extra}
 """
+
+
+def scale_config(name: str, extra: str = "", max_batch_size: int = 8, width: int = 4) -> str:
+    """Config of a scale_model with dims [width]."""
+    return f"""
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {width} ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {width} ] }} ]
+{extra}
+"""

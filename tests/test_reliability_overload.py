@@ -14,22 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
-from onnx_models import scale_model, write_config
+from onnx_models import scale_config, scale_model, write_config
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 
 QUEUE = 4
-
-
-def config(name: str, extra: str = "", max_batch_size: int = 1) -> str:
-    return f"""
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch_size}
-input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-{extra}
-"""
 
 
 def make_repo(root: Path) -> Path:
@@ -39,7 +28,7 @@ def make_repo(root: Path) -> Path:
     }
     for name, extra in models.items():
         scale_model(root / name / "1" / "model.onnx", 2.0, [4])
-        write_config(root / name, config(name, extra))
+        write_config(root / name, scale_config(name, extra, max_batch_size=1))
     return root
 
 

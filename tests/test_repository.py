@@ -15,20 +15,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from onnx_models import scale_model, write_config
+from onnx_models import scale_config, scale_model, write_config
 
 DIMS = [4]
-
-
-def scale_config(name: str, extra: str = "", max_batch_size: int = 8) -> str:
-    return f"""
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch_size}
-input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-{extra}
-"""
 
 
 def make_scale(repo: Path, name: str, factors: dict[int, float], extra: str = "") -> Path:
