@@ -454,3 +454,26 @@ def test_triton_config_with_unimplemented_fields_loads_with_one_warning(tmp_path
     # fields kiln does implement are not named
     for field in ("dynamic_batching", "max_batch_size", "platform"):
         assert field not in message, message
+
+
+def test_model_needing_a_missing_library_fails_alone_naming_the_extra(tmp_path, start_server):
+    """A TensorRT engine on a machine without TensorRT: that model is UNAVAILABLE with the extra to install,
+    the ONNX model beside it serves."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here")
+    make_scale(tmp_path, "onnx", {1: 2.0})
+    engine_dir = tmp_path / "engine"
+    write_config(engine_dir, scale_config("engine").replace('platform: "onnxruntime_onnx"', 'platform: "tensorrt_plan"'))
+    (engine_dir / "1").mkdir()
+    (engine_dir / "1" / "model.plan").write_bytes(b"not an engine")
+    server = start_server(tmp_path, strict_readiness=False)
+    client = triton.InferenceServerClient(server.url)
+    assert client.is_model_ready("onnx") and not client.is_model_ready("engine")
+    reason = {m.name: m.reason for m in client.get_model_repository_index().models}["engine"]
+    assert "pip install 'kiln-serve[tensorrt]'" in reason
+    x, inp = x_input()
+    np.testing.assert_allclose(client.infer("onnx", [inp]).as_numpy("y"), 2 * x, rtol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from server.model_types import ModelConfig
@@ -9,27 +10,25 @@ from server.runtime.base import Runtime, RuntimeExecutionError, RuntimeLoadError
 
 __all__ = ["Runtime", "RuntimeExecutionError", "RuntimeLoadError", "TensorInfo", "create_runtime"]
 
+# platform -> (module, class, what to install when the backend's library is missing).
+# Modules are imported on first use, so a missing optional library only fails its own models.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "onnxruntime_onnx": ("server.runtime.onnxruntime", "OnnxRuntime", "kiln-serve"),
+    "tensorrt_plan": ("server.runtime.tensorrt", "TensorRTRuntime", "kiln-serve[tensorrt]"),
+    "torch_aoti": ("server.runtime.torch_aoti", "TorchAotiRuntime", "kiln-serve[torch]"),
+}
+
 
 def create_runtime(model_file: Path, config: ModelConfig) -> Runtime:
-    """Instantiate the backend for config.platform; imports are lazy so missing extras only hurt their models."""
-    if config.platform == "onnxruntime_onnx":
-        from server.runtime.onnxruntime import OnnxRuntime
-
-        return OnnxRuntime(model_file, config)
-    if config.platform == "tensorrt_plan":
-        try:
-            from server.runtime.tensorrt import TensorRTRuntime
-        except ImportError as exc:
-            raise RuntimeLoadError(
-                f"platform tensorrt_plan needs TensorRT: pip install 'kiln-serve[tensorrt]' ({exc})"
-            ) from exc
-        return TensorRTRuntime(model_file, config)
-    if config.platform == "torch_aoti":
-        try:
-            from server.runtime.torch_aoti import TorchAotiRuntime
-        except ImportError as exc:
-            raise RuntimeLoadError(
-                f"backend torch_aoti needs PyTorch: pip install 'kiln-serve[torch]' ({exc})"
-            ) from exc
-        return TorchAotiRuntime(model_file, config)
-    raise RuntimeLoadError(f"no runtime for platform '{config.platform}'")
+    """Instantiate the backend for config.platform."""
+    backend = BACKENDS.get(config.platform)
+    if backend is None:
+        raise RuntimeLoadError(f"no runtime for platform '{config.platform}'")
+    module_name, class_name, package = backend
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RuntimeLoadError(
+            f"platform {config.platform} needs a library that is not installed: pip install '{package}' ({exc})"
+        ) from exc
+    return getattr(module, class_name)(model_file, config)
