@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
@@ -17,6 +19,19 @@ class RuntimeLoadError(Exception):
 
 class RuntimeExecutionError(Exception):
     """The backend failed while executing a batch."""
+
+
+@contextlib.contextmanager
+def execution_errors():
+    """Report any failure inside a backend call as RuntimeExecutionError (a missing tensor by name)."""
+    try:
+        yield
+    except RuntimeExecutionError:
+        raise
+    except KeyError as exc:
+        raise RuntimeExecutionError(f"unknown tensor {exc}") from exc
+    except Exception as exc:
+        raise RuntimeExecutionError(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)

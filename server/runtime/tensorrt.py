@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from server.model_types import ModelConfig
-from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo
+from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo, execution_errors
 
 log = logging.getLogger("kiln.runtime.tensorrt")
 
@@ -195,48 +195,43 @@ class TensorRTRuntime:
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         inst = self._instances.get()
         try:
-            _check(cudart.cudaSetDevice(self.device), "cudaSetDevice")  # the current device is per thread
-            arrays = {}
-            for t in self.inputs:
-                arr = inputs[t.name]
-                want = self._np_dtypes[t.name]
-                if arr.dtype != want:
-                    arr = arr.astype(want)
-                arrays[t.name] = np.ascontiguousarray(arr)
-            profile = self._choose_profile({n: a.shape for n, a in arrays.items()})
-            ctx = inst.context
-            if profile != inst.profile:
-                if not ctx.set_optimization_profile_async(profile, inst.stream):
-                    raise RuntimeExecutionError(f"cannot switch to optimization profile {profile}")
-                inst.profile = profile
-            for name, arr in arrays.items():
-                if not ctx.set_input_shape(name, arr.shape):
-                    raise RuntimeExecutionError(f"TensorRT rejected shape {list(arr.shape)} for input '{name}'")
-                ptr = self._buffer(inst, name, arr.nbytes)
-                ctx.set_tensor_address(name, ptr)
-                _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, inst.stream), "cudaMemcpyAsync")
-            results: dict[str, np.ndarray] = {}
-            for t in self.outputs:
-                shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
-                if any(d < 0 for d in shape):
-                    raise RuntimeExecutionError(f"output '{t.name}' shape {list(shape)} is unresolved")
-                out = np.empty(shape, dtype=self._np_dtypes[t.name])
-                ctx.set_tensor_address(t.name, self._buffer(inst, t.name, out.nbytes))
-                results[t.name] = out
-            if not ctx.execute_async_v3(inst.stream):
-                raise RuntimeExecutionError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-            for name, out in results.items():
-                ptr = inst.buffers[name][0]
-                _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, inst.stream), "cudaMemcpyAsync")
-            _check(cudart.cudaStreamSynchronize(inst.stream), "cudaStreamSynchronize")
-            names = list(output_names) or [t.name for t in self.outputs]
-            return {n: results[n] for n in names}
-        except RuntimeExecutionError:
-            raise
-        except KeyError as exc:
-            raise RuntimeExecutionError(f"unknown tensor {exc}") from exc
-        except Exception as exc:
-            raise RuntimeExecutionError(f"{type(exc).__name__}: {exc}") from exc
+            with execution_errors():
+                _check(cudart.cudaSetDevice(self.device), "cudaSetDevice")  # the current device is per thread
+                arrays = {}
+                for t in self.inputs:
+                    arr = inputs[t.name]
+                    want = self._np_dtypes[t.name]
+                    if arr.dtype != want:
+                        arr = arr.astype(want)
+                    arrays[t.name] = np.ascontiguousarray(arr)
+                profile = self._choose_profile({n: a.shape for n, a in arrays.items()})
+                ctx = inst.context
+                if profile != inst.profile:
+                    if not ctx.set_optimization_profile_async(profile, inst.stream):
+                        raise RuntimeExecutionError(f"cannot switch to optimization profile {profile}")
+                    inst.profile = profile
+                for name, arr in arrays.items():
+                    if not ctx.set_input_shape(name, arr.shape):
+                        raise RuntimeExecutionError(f"TensorRT rejected shape {list(arr.shape)} for input '{name}'")
+                    ptr = self._buffer(inst, name, arr.nbytes)
+                    ctx.set_tensor_address(name, ptr)
+                    _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, inst.stream), "cudaMemcpyAsync")
+                results: dict[str, np.ndarray] = {}
+                for t in self.outputs:
+                    shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
+                    if any(d < 0 for d in shape):
+                        raise RuntimeExecutionError(f"output '{t.name}' shape {list(shape)} is unresolved")
+                    out = np.empty(shape, dtype=self._np_dtypes[t.name])
+                    ctx.set_tensor_address(t.name, self._buffer(inst, t.name, out.nbytes))
+                    results[t.name] = out
+                if not ctx.execute_async_v3(inst.stream):
+                    raise RuntimeExecutionError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+                for name, out in results.items():
+                    ptr = inst.buffers[name][0]
+                    _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, inst.stream), "cudaMemcpyAsync")
+                _check(cudart.cudaStreamSynchronize(inst.stream), "cudaStreamSynchronize")
+                names = list(output_names) or [t.name for t in self.outputs]
+                return {n: results[n] for n in names}
         finally:
             self._instances.put(inst)
 

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from server.model_types import ModelConfig
-from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo
+from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo, execution_errors
 
 log = logging.getLogger("kiln.runtime.torch_aoti")
 
@@ -259,7 +259,7 @@ class TorchAotiRuntime:
 
     def infer(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
         torch = self._torch
-        try:
+        with execution_errors():
             args = []
             for name in self._input_names:
                 arr = inputs[name]
@@ -278,12 +278,6 @@ class TorchAotiRuntime:
             by_name = dict(zip(self._output_names, outs))
             names = list(output_names) or self._output_names
             return {n: by_name[n].detach().cpu().numpy() for n in names}
-        except RuntimeExecutionError:
-            raise
-        except KeyError as exc:
-            raise RuntimeExecutionError(f"unknown tensor {exc}") from exc
-        except Exception as exc:
-            raise RuntimeExecutionError(f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         self._model = None
