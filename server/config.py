@@ -24,17 +24,14 @@ from server.model_types import (
     VersionPolicy,
 )
 from server.protocol import model_config_pb2 as mc
+from server.runtime import BACKENDS
 
 log = logging.getLogger("kiln.config")
 
 CONFIG_FILENAME = "config.pbtxt"
 
 # platform -> the file a version directory holds
-MODEL_FILENAMES = {
-    "onnxruntime_onnx": "model.onnx",
-    "tensorrt_plan": "model.plan",
-    "torch_aoti": "model.pt2",
-}
+MODEL_FILENAMES = {platform: backend.model_filename for platform, backend in BACKENDS.items()}
 # config `backend` values accepted as synonyms of a platform
 BACKEND_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch_aoti": "torch_aoti"}
 
