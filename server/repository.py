@@ -354,7 +354,7 @@ class ModelRepository:
             max_batch_size=config.max_batch_size,
             batching=config.dynamic_batching,
             instance_count=config.instance_group.count,
-            execute=lambda inputs: runtime.infer(inputs, output_names),
+            execute=lambda inputs: check_outputs(config, runtime.infer(inputs, output_names)),
             on_execution=stats.record_execution,
             # an execution timeout can only be enforced on an instance thread
             inline_max_us=0 if config.execution_timeout_microseconds else config.inline_execution_max_microseconds,
@@ -432,3 +432,25 @@ def warm_up(runtime: Runtime, config: ModelConfig, proto: mc.ModelConfig) -> Non
             runtime.infer(inputs, output_names)
         except Exception as exc:
             raise ConfigError(f"model_warmup '{sample.name}' failed: {exc}") from exc
+
+
+def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch's outputs, once each batch: a runtime that returns a missing output, or one of another
+    shape than the config declares, fails the batch INTERNAL naming the model (never a response that
+    contradicts the metadata). The batcher checks the batch dimension itself."""
+    skip = 1 if config.batching else 0
+    for spec in config.outputs:
+        array = outputs.get(spec.name)
+        if array is None:
+            raise KilnError(Status.INTERNAL, f"model '{config.name}' returned no output '{spec.name}'")
+        shape = getattr(array, "shape", None)
+        dims = spec.dims
+        if shape is None or len(shape) != len(dims) + skip or any(
+            d != -1 and d != s for d, s in zip(dims, shape[skip:])
+        ):
+            expected = ",".join(str(d) for d in ((-1,) * skip + dims))
+            got = list(shape) if shape is not None else type(array).__name__
+            raise KilnError(
+                Status.INTERNAL, f"model '{config.name}' returned output '{spec.name}' of shape {got}, expected [{expected}]"
+            )
+    return outputs
