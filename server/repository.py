@@ -77,7 +77,6 @@ class ModelVersion:
 
     async def close(self, drain_timeout_s: float) -> None:
         self.state = ModelState.UNLOADING
-        self.stats.ready_gauge.set(0)
         try:
             await self.scheduler.close(drain_timeout_s)
         finally:
@@ -273,8 +272,6 @@ class ModelRepository:
             entry.versions = versions
             entry.fingerprint = fingerprint
             entry.state, entry.reason = ModelState.READY, ""
-            for version in versions.values():
-                version.stats.ready_gauge.set(1)
             log.info("model '%s' loaded, versions %s", name, sorted(versions))
             self._notify(name)
             self._drain_in_background(old.values())

@@ -117,8 +117,6 @@ class ModelStats:
         self.last_inference_ms = 0
         self.batches: dict[int, BatchDurations] = {}
         self.failures: dict[Status, int] = {}
-        self.ready = False  # kept for the repository's ready_gauge calls; metrics read the version state
-        self.ready_gauge = _Flag(self)
         # Prometheus histograms (None: metrics off for this version; nothing is recorded beyond the RPC's counters)
         self.histograms: VersionHistograms | None = (
             VersionHistograms(SETTINGS.latency_buckets) if SETTINGS.metrics else None
@@ -242,19 +240,6 @@ class StatsSnapshot:
     execution_count: int
     phases: dict[str, Duration]
     histograms: VersionHistograms | None
-
-
-class _Flag:
-    """What repository.py calls `ready_gauge`: a set() that only remembers (readiness is exported
-    from the repository's own state at scrape time)."""
-
-    __slots__ = ("_stats",)
-
-    def __init__(self, stats: ModelStats) -> None:
-        self._stats = stats
-
-    def set(self, value: float) -> None:
-        self._stats.ready = bool(value)
 
 
 class UnroutedRequests:
