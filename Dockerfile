@@ -53,11 +53,14 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# Builder for the GPU image: the gpu and tensorrt extras, for the GPU base's Python.
+# Builder for the GPU image: the gpu and tensorrt extras, for the GPU base's Python, held to
+# CUDA 12 builds like the base: TensorRT's `tensorrt` package pulls its CUDA 13 build from 10.13.2
+# on (kiln is written against TensorRT 10), and cuda-python 13 is for CUDA 13.
 FROM gpu-base AS gpu-builder
 COPY --from=source /src /src
 ARG KILN_EXTRAS=""
-RUN pip wheel --wheel-dir /wheels "/src[gpu,tensorrt${KILN_EXTRAS:+,${KILN_EXTRAS}}]"
+RUN pip wheel --wheel-dir /wheels "/src[gpu,tensorrt${KILN_EXTRAS:+,${KILN_EXTRAS}}]" \
+    "tensorrt<10.13.2" "cuda-python<13"
 
 FROM gpu-base AS gpu
 # onnxruntime-gpu ships the same `onnxruntime` module as the CPU wheel the core dependencies

@@ -165,6 +165,9 @@ def test_gpu_image_gets_the_gpu_and_tensorrt_extras():
     assert any(dep.startswith("tensorrt") for dep in extras["tensorrt"])
     (wheel,) = values("gpu-builder", "RUN")
     assert "[gpu,tensorrt" in wheel
+    # held to the base image's CUDA major: newer `tensorrt` and cuda-python releases are CUDA 13 builds
+    cuda_major = int(re.search(r"nvidia/cuda:(\d+)\.", build_arg_default_global("CUDA_IMAGE")).group(1))
+    assert cuda_major == 12 and '"tensorrt<10.13.2"' in wheel and f'"cuda-python<{cuda_major + 1}"' in wheel
     gpu = "\n".join(values("gpu", "RUN"))
     assert "pip uninstall -y onnxruntime" in gpu and "--force-reinstall /wheels/onnxruntime_gpu-" in gpu
     assert gpu.index("pip uninstall") > gpu.index("pip install --no-index /wheels/*.whl")
