@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import grpc
@@ -17,30 +18,70 @@ class Connection:
     """A stub plus the call metadata (bearer token) every call carries."""
 
     def __init__(self, channel: grpc.Channel, token: str | None = None) -> None:
+        self.channel = channel
         self.stub = pb_grpc.GRPCInferenceServiceStub(channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def call(self, method: str, request, timeout: float):
         return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
 
+    def close(self) -> None:
+        self.channel.close()
 
-def connect(url: str, tls_ca=None, tls_cert=None, tls_key=None, token_file=None) -> Connection:
+
+MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
+
+
+def service_config(retries: int = 0, round_robin: bool = False) -> str:
+    """gRPC service config for talking to replicas.
+
+    round_robin: spread calls over every address the target resolves to (e.g.
+    "ipv4:10.0.0.1:8001,10.0.0.2:8001" or a headless Service's DNS name) instead of pinning to one,
+    and skip a replica whose health service "" is not SERVING (loading, or draining after SIGTERM).
+    retries: retry a call answered UNAVAILABLE (a draining or full replica, a balancer that lost
+    its upstream) with back-off; inference has no side effects, so a retry is safe. CANCELLED is
+    retried too: a call that reaches a server in the instant its port closes is answered
+    CANCELLED, not UNAVAILABLE (grpc/grpc#41785). A cancel by the caller itself is never retried.
+    """
+    if not 0 <= retries < MAX_ATTEMPTS:
+        raise ValueError(f"retries must be in [0, {MAX_ATTEMPTS - 1}], got {retries}")
+    config: dict = {}
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": ""}
+    if retries:
+        config["methodConfig"] = [{
+            "name": [{"service": "inference.GRPCInferenceService"}],
+            "retryPolicy": {
+                "maxAttempts": retries + 1,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }]
+    return json.dumps(config)
+
+
+def connect(url: str, tls_ca=None, tls_cert=None, tls_key=None, token_file=None,
+            retries: int = 0, round_robin: bool = False) -> Connection:
     """A connection to a kiln server: plaintext, or TLS when a CA is given (mutual with a cert and key)."""
+    options = [("grpc.service_config", service_config(retries, round_robin)), ("grpc.enable_retries", 1)]
     if tls_ca is None:
-        channel = grpc.insecure_channel(url)
+        channel = grpc.insecure_channel(url, options=options)
     else:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls_ca.read_bytes(),
             private_key=tls_key.read_bytes() if tls_key else None,
             certificate_chain=tls_cert.read_bytes() if tls_cert else None,
         )
-        channel = grpc.secure_channel(url, credentials)
+        channel = grpc.secure_channel(url, credentials, options=options)
     token = token_file.read_text().strip() if token_file else None
     return Connection(channel, token)
 
 
 def _connect(args) -> Connection:
-    return connect(args.url, args.tls_ca, args.tls_cert, args.tls_key, args.token_file)
+    return connect(args.url, args.tls_ca, args.tls_cert, args.tls_key, args.token_file, args.retries, args.round_robin)
 
 
 def random_input(datatype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,148 @@
+"""Three real `kiln serve` replicas behind a real L7 gRPC balancer (Debian's nginx, grpc_pass over
+HTTP/2) and behind grpc's client-side round_robin policy: calls are spread over every replica,
+and SIGTERM to one replica under load loses no request of a client that retries UNAVAILABLE."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, free_port, require_tool
+from loadtests.replicas import (NGINX_CONF, Nginx, SteadyLoad, mlp_request, nginx_test, render_nginx_config,
+                                round_robin_target, start_replicas, stop_replicas)
+from server.client import connect, response_arrays, service_config
+
+MODEL = "mlp"
+CALLS = 30
+
+
+@pytest.fixture(scope="module")
+def nginx_tool():
+    return require_tool("nginx")
+
+
+@pytest.fixture(scope="module")
+def cluster(nginx_tool, tmp_path_factory):
+    """Three replicas of the bundled mlp and nginx in front of them."""
+    workdir = tmp_path_factory.mktemp("cluster")
+    replicas = start_replicas(3, REPO_ROOT / "model_repo", MODEL, workdir)
+    nginx = None
+    try:
+        nginx = Nginx(free_port(), [r.port for r in replicas], workdir)
+        yield replicas, nginx
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        stop_replicas(replicas)
+
+
+def test_the_shipped_nginx_config_is_valid(nginx_tool, tmp_path):
+    result = nginx_test(NGINX_CONF, tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = NGINX_CONF.read_text()
+    assert re.search(r"listen 127\.0\.0\.1:8001 http2;", text)  # HTTP/2 to the clients ...
+    assert "grpc_pass grpc://kiln;" in text  # ... and to the replicas
+
+
+def test_rendered_config_names_exactly_the_given_replicas(nginx_tool, tmp_path):
+    text = render_nginx_config(18001, [18101, 18102])
+    assert re.findall(r"server 127\.0\.0\.1:(\d+)", text) == ["18101", "18102"]
+    assert "listen 127.0.0.1:18001 http2;" in text and "listen 127.0.0.1:8001" not in text
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    result = nginx_test(conf, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def counts(replicas) -> list[int]:
+    return [r.success_count(MODEL) for r in replicas]
+
+
+def send_calls(connection, n: int) -> None:
+    for i in range(n):
+        request, x = mlp_request(MODEL, 1 + i % 3, seed=i)
+        outputs = response_arrays(connection.call("ModelInfer", request, 30))
+        (y,) = outputs.values()
+        assert y.shape[0] == x.shape[0] and np.isfinite(y).all()
+
+
+def test_nginx_spreads_the_calls_of_one_connection_over_every_replica(cluster):
+    replicas, nginx = cluster
+    before = counts(replicas)
+    connection = connect(nginx.url)  # one channel: one HTTP/2 connection to nginx
+    try:
+        send_calls(connection, CALLS)
+    finally:
+        connection.close()
+    moved = [a - b for a, b in zip(counts(replicas), before)]
+    assert sum(moved) == CALLS
+    assert all(m > 0 for m in moved), f"requests per replica: {moved}"
+
+
+def test_client_side_round_robin_spreads_calls_over_every_replica(cluster):
+    replicas, _ = cluster
+    before = counts(replicas)
+    connection = connect(round_robin_target(replicas), round_robin=True)
+    try:
+        grpc.channel_ready_future(connection.channel).result(timeout=30)
+        send_calls(connection, CALLS)
+    finally:
+        connection.close()
+    moved = [a - b for a, b in zip(counts(replicas), before)]
+    assert sum(moved) == CALLS
+    assert all(m > 0 for m in moved), f"requests per replica: {moved}"
+
+
+def test_without_round_robin_one_channel_sticks_to_one_replica(cluster):
+    """The reason for L7 or client-side balancing: a plain channel pins every call to one replica."""
+    replicas, _ = cluster
+    before = counts(replicas)
+    connection = connect(round_robin_target(replicas))  # default policy: pick_first
+    try:
+        send_calls(connection, CALLS)
+    finally:
+        connection.close()
+    moved = [a - b for a, b in zip(counts(replicas), before)]
+    assert sorted(moved) == [0, 0, CALLS]
+
+
+def test_retry_policy_retries_only_unavailable():
+    config = service_config(retries=3, round_robin=True)
+    assert '"round_robin"' in config and '"maxAttempts": 4' in config and '"UNAVAILABLE"' in config
+    assert "retryPolicy" not in service_config()
+    with pytest.raises(ValueError, match="retries"):
+        service_config(retries=5)  # gRPC caps attempts at 5
+
+
+def test_sigterm_to_one_replica_under_load_loses_no_request(nginx_tool, tmp_path):
+    replicas = start_replicas(3, REPO_ROOT / "model_repo", MODEL, tmp_path, grace_s=10)
+    nginx = None
+    try:
+        nginx = Nginx(free_port(), [r.port for r in replicas], tmp_path)
+        # a client without retries shows what the retrying ones absorb: the drain's refusals
+        with SteadyLoad(nginx.url, MODEL, threads=3) as via_nginx, \
+                SteadyLoad(round_robin_target(replicas), MODEL, threads=3, round_robin=True) as via_client, \
+                SteadyLoad(nginx.url, MODEL, threads=2, retries=0) as no_retries:
+            time.sleep(2.0)
+            served_before_signal = counts(replicas)
+            assert served_before_signal[0] > 0, "the replica to stop was not serving"
+            loads_before_signal = (via_nginx.count(), via_client.count())
+            assert replicas[0].terminate() == 0
+            survivors_at_exit = counts(replicas[1:])
+            time.sleep(2.0)
+        assert via_nginx.failures == [] and via_client.failures == []
+        assert no_retries.failures, "the stopped replica refused nothing: the drain was not exercised"
+        # CANCELLED: a call reaching the port in the instant it closes (grpc/grpc#41785); retried as well
+        assert "UNAVAILABLE: server is shutting down" in no_retries.failures
+        assert set(no_retries.failures) <= {"UNAVAILABLE: server is shutting down", "CANCELLED: CANCELLED"}
+        assert via_nginx.count() > loads_before_signal[0] and via_client.count() > loads_before_signal[1]
+        survivors_now = counts(replicas[1:])
+        assert all(now > then for now, then in zip(survivors_now, survivors_at_exit)), "a survivor stopped serving"
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        stop_replicas(replicas)
