@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
-from loadtests.peers.compare import free_port  # noqa: E402
+from loadtests.peers.compare import free_port, wait_ready  # noqa: E402
 from server.client import connect  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 
@@ -180,20 +180,10 @@ def start_replicas(count: int, repository: Path, model: str, workdir: Path, grac
 
 
 def wait_model_ready(replica: Replica, model: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with grpc.insecure_channel(replica.url) as channel:
-        stub = connect_stub(channel)
-        while time.monotonic() < deadline:
-            if replica.process.poll() is not None:
-                raise RuntimeError(f"replica {replica.url} exited with {replica.process.returncode}: "
-                                   f"{replica.log_path.read_text()[-2000:]}")
-            try:
-                if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"replica {replica.url}: {model} not ready within {READY_TIMEOUT_S} s")
+    try:
+        wait_ready(replica.url, model, replica.process, READY_TIMEOUT_S)
+    except RuntimeError as exc:
+        raise RuntimeError(f"replica {replica.url}: {exc}\n{replica.log_path.read_text()[-2000:]}") from None
 
 
 def stop_replicas(replicas: list[Replica]) -> list[int | None]:

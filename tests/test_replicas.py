@@ -70,23 +70,9 @@ def send_calls(connection, n: int) -> None:
         assert y.shape[0] == x.shape[0] and np.isfinite(y).all()
 
 
-def test_nginx_spreads_the_calls_of_one_connection_over_every_replica(cluster):
-    replicas, nginx = cluster
+def calls_per_replica(replicas, connection) -> list[int]:
+    """Send CALLS calls over `connection` (then close it): how many each replica served."""
     before = counts(replicas)
-    connection = connect(nginx.url)  # one channel: one HTTP/2 connection to nginx
-    try:
-        send_calls(connection, CALLS)
-    finally:
-        connection.close()
-    moved = [a - b for a, b in zip(counts(replicas), before)]
-    assert sum(moved) == CALLS
-    assert all(m > 0 for m in moved), f"requests per replica: {moved}"
-
-
-def test_client_side_round_robin_spreads_calls_over_every_replica(cluster):
-    replicas, _ = cluster
-    before = counts(replicas)
-    connection = connect(round_robin_target(replicas), round_robin=True)
     try:
         grpc.channel_ready_future(connection.channel).result(timeout=30)
         send_calls(connection, CALLS)
@@ -94,19 +80,25 @@ def test_client_side_round_robin_spreads_calls_over_every_replica(cluster):
         connection.close()
     moved = [a - b for a, b in zip(counts(replicas), before)]
     assert sum(moved) == CALLS
+    return moved
+
+
+def test_nginx_spreads_the_calls_of_one_connection_over_every_replica(cluster):
+    replicas, nginx = cluster
+    moved = calls_per_replica(replicas, connect(nginx.url))  # one channel: one HTTP/2 connection to nginx
+    assert all(m > 0 for m in moved), f"requests per replica: {moved}"
+
+
+def test_client_side_round_robin_spreads_calls_over_every_replica(cluster):
+    replicas, _ = cluster
+    moved = calls_per_replica(replicas, connect(round_robin_target(replicas), round_robin=True))
     assert all(m > 0 for m in moved), f"requests per replica: {moved}"
 
 
 def test_without_round_robin_one_channel_sticks_to_one_replica(cluster):
     """The reason for L7 or client-side balancing: a plain channel pins every call to one replica."""
     replicas, _ = cluster
-    before = counts(replicas)
-    connection = connect(round_robin_target(replicas))  # default policy: pick_first
-    try:
-        send_calls(connection, CALLS)
-    finally:
-        connection.close()
-    moved = [a - b for a, b in zip(counts(replicas), before)]
+    moved = calls_per_replica(replicas, connect(round_robin_target(replicas)))  # default policy: pick_first
     assert sorted(moved) == [0, 0, CALLS]
 
 
