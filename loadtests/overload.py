@@ -17,6 +17,13 @@ within 20% of idle p50; no request failed with anything but a queue-full refusal
 
 Client processes share the machine with the server: on a small machine they take CPU from it,
 which the figures include (the report prints the core count).
+
+--via-nginx LIMIT puts Debian's nginx (deploy/nginx/nginx.conf, one upstream) between the
+clients and kiln with `limit_conn` LIMIT: admission control in C, so the excess is refused
+("too many calls in flight", UNAVAILABLE) before it reaches the Python gRPC layer. Those
+refusals count like queue-full ones.
+
+    .venv/bin/python -m loadtests.overload --duration 10 --factors 3 --via-nginx 48
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ def make_request(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
     request.inputs.add(name="x", datatype="FP32", shape=[rows, width])
     request.raw_input_contents.append(x.tobytes())
     return request.SerializeToString()
+
+
+REFUSALS = ("queue is full", "too many calls in flight")  # kiln's queue bound, nginx's limit_conn
+
+
+def is_refusal(details: str) -> bool:
+    return any(text in details for text in REFUSALS)
 
 
 def with_queue_limit(config: str, max_queue_size: int) -> str:
@@ -111,6 +125,19 @@ class KilnProcess:
         return code
 
 
+def limited_nginx(server: KilnProcess, limit: int):
+    """nginx in front of `server`, admitting at most `limit` calls in flight."""
+    import re
+
+    from loadtests.replicas import Nginx, render_nginx_config
+
+    text, count = re.subn(r"limit_conn kiln_inflight \d+;", f"limit_conn kiln_inflight {limit};",
+                          render_nginx_config(free_port(), [server.port]))
+    if count != 1:
+        raise SystemExit("deploy/nginx/nginx.conf has no `limit_conn kiln_inflight N;` line")
+    return Nginx.from_config(text, server.dir)
+
+
 # ---- load generation (client processes, one asyncio loop each) ----------------------------------
 
 
@@ -128,7 +155,7 @@ async def _open_loop(url: str, request: bytes, rate: float, duration: float, sta
             await call(request, timeout=30)
             code = "OK"
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name + (":queue_full" if "queue is full" in (exc.details() or "") else f":{(exc.details() or '')[:60]}")
+            code = exc.code().name + (":queue_full" if is_refusal(exc.details() or "") else f":{(exc.details() or '')[:60]}")
         results.append((sent - start_at, time.monotonic() - sent, code))
 
     when = start_at
@@ -229,13 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factors", default="3", help="overload factors x capacity, comma-separated (default: 3)")
     parser.add_argument("--processes", type=int, default=2, help="client processes (default: 2)")
     parser.add_argument("--concurrency", type=int, default=128, help="in-flight requests for the capacity step (default: 128)")
+    parser.add_argument("--via-nginx", type=int, default=0, metavar="LIMIT",
+                        help="send through nginx with at most LIMIT calls in flight (default: direct)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
     server = KilnProcess(args.model_dir, args.max_queue_size)
+    nginx = None
+    if args.via_nginx:
+        nginx = limited_nginx(server, args.via_nginx)
+        server.url = nginx.url  # every step below goes through the balancer
     request = make_request(args.model_dir.name, args.width, args.rows)
     report: dict = {"cores": os.cpu_count(), "rows": args.rows, "max_queue_size": args.max_queue_size, "duration_s": args.duration,
-                    "model": args.model_dir.name, "steps": {}}
+                    "model": args.model_dir.name, "nginx_inflight_limit": args.via_nginx, "steps": {}}
     ctx = mp.get_context("spawn")
     try:
         with ctx.Pool(args.processes) as pool:
@@ -270,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 verdicts.append((f"{factor:g}x: no failure but queue-full refusals ({over['other_codes']})",
                                  over["other_failures"] == 0))
     finally:
+        if nginx is not None:
+            nginx.stop()
         report["server_exit_code"] = server.stop()
     verdicts.append((f"server exited {report['server_exit_code']} on SIGTERM", report["server_exit_code"] == 0))
     report["checks"] = [{"check": text, "passed": ok} for text, ok in verdicts]

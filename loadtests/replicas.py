@@ -66,13 +66,13 @@ def render_nginx_config(listen_port: int, upstream_ports: list[int], template: s
 class Nginx:
     """nginx in the foreground with a rendered config and its own prefix directory."""
 
-    def __init__(self, listen_port: int, upstream_ports: list[int], workdir: Path) -> None:
+    def __init__(self, listen_port: int, upstream_ports: list[int], workdir: Path, config: str | None = None) -> None:
         self.port = listen_port
         self.url = f"127.0.0.1:{listen_port}"
         self.prefix = workdir / f"nginx-{listen_port}"
         self.prefix.mkdir(parents=True, exist_ok=True)
         self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(render_nginx_config(listen_port, upstream_ports))
+        self.conf.write_text(config or render_nginx_config(listen_port, upstream_ports))
         self.log_path = self.prefix / "nginx.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
@@ -80,6 +80,12 @@ class Nginx:
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         wait_listening(self.port, self.process, self.log_path)
+
+    @classmethod
+    def from_config(cls, config: str, workdir: Path) -> Nginx:
+        """nginx running an already rendered config (listening where it says)."""
+        port = int(re.search(r"listen 127\.0\.0\.1:(\d+)", config).group(1))
+        return cls(port, [], workdir, config)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -4,6 +4,7 @@ and SIGTERM to one replica under load loses no request of a client that retries 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -95,6 +96,28 @@ def test_client_side_round_robin_spreads_calls_over_every_replica(cluster):
     assert all(m > 0 for m in moved), f"requests per replica: {moved}"
 
 
+def test_tritonclient_balances_with_kilns_service_config(cluster):
+    """Existing Triton clients get the same balancing and retries through their channel_args."""
+    import tritonclient.grpc as triton
+
+    replicas, _ = cluster
+    before = counts(replicas)
+    client = triton.InferenceServerClient(
+        round_robin_target(replicas),
+        channel_args=[("grpc.service_config", service_config(retries=4, round_robin=True)), ("grpc.enable_retries", 1)],
+    )
+    try:
+        x = np.ones((2, 256), np.float32)
+        for _ in range(CALLS):
+            tensor = triton.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            assert client.infer(MODEL, [tensor]).as_numpy("y").shape == (2, 10)
+    finally:
+        client.close()
+    moved = [a - b for a, b in zip(counts(replicas), before)]
+    assert sum(moved) == CALLS and all(m > 0 for m in moved), f"requests per replica: {moved}"
+
+
 def test_without_round_robin_one_channel_sticks_to_one_replica(cluster):
     """The reason for L7 or client-side balancing: a plain channel pins every call to one replica."""
     replicas, _ = cluster
@@ -102,9 +125,62 @@ def test_without_round_robin_one_channel_sticks_to_one_replica(cluster):
     assert sorted(moved) == [0, 0, CALLS]
 
 
-def test_retry_policy_retries_only_unavailable():
-    config = service_config(retries=3, round_robin=True)
-    assert '"round_robin"' in config and '"maxAttempts": 4' in config and '"UNAVAILABLE"' in config
+def test_nginx_refuses_calls_beyond_its_in_flight_limit_with_unavailable(nginx_tool, tmp_path):
+    """limit_conn admits at most N calls in flight; the rest get a gRPC UNAVAILABLE at once."""
+    (replica,) = start_replicas(1, REPO_ROOT / "model_repo", MODEL, tmp_path)
+    nginx = None
+    try:
+        config = render_nginx_config(free_port(), [replica.port])
+        config, count = re.subn(r"limit_conn kiln_inflight \d+;", "limit_conn kiln_inflight 1;", config)
+        assert count == 1
+        nginx = Nginx.from_config(config, tmp_path)
+        channel = grpc.insecure_channel(nginx.url)
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        request = mlp_request(MODEL, 1, seed=0)[0].SerializeToString()
+        futures = [call.future(request, timeout=30) for _ in range(64)]  # all in flight at once
+        outcomes = []
+        for future in futures:
+            try:
+                future.result()
+                outcomes.append("OK")
+            except grpc.RpcError as exc:
+                outcomes.append(f"{exc.code().name}: {exc.details()}")
+        channel.close()
+        assert "OK" in outcomes
+        assert set(outcomes) == {"OK", "UNAVAILABLE: too many calls in flight, retry later"}, set(outcomes)
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        stop_replicas([replica])
+
+
+@pytest.fixture
+def cluster_down(nginx_tool, tmp_path):
+    """nginx whose only upstream port has nothing listening."""
+    nginx = Nginx(free_port(), [free_port()], tmp_path)
+    yield nginx
+    nginx.stop()
+
+
+def test_nginx_answers_unavailable_when_no_replica_is_up(cluster_down):
+    nginx = cluster_down
+    connection = connect(nginx.url)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            connection.call("ModelInfer", mlp_request(MODEL, 1, seed=0)[0], 30)
+    finally:
+        connection.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details() == "no kiln replica answered"
+
+
+def test_retry_policy_retries_unavailable_and_cancelled_only():
+    config = json.loads(service_config(retries=3, round_robin=True))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": ""}
+    (method,) = config["methodConfig"]
+    assert method["retryPolicy"]["maxAttempts"] == 4
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert "retryPolicy" not in service_config()
     with pytest.raises(ValueError, match="retries"):
         service_config(retries=5)  # gRPC caps attempts at 5
