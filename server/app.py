@@ -46,6 +46,7 @@ class ServerSettings:
     allow_metrics: bool = True  # False: no /metrics endpoint and no histogram recording (ModelStatistics stays)
     latency_buckets: tuple[float, ...] | None = None  # None: KILN_LATENCY_BUCKETS or the defaults
     access_log: bool = False  # one log line per inference request (logger kiln.access)
+    max_pending_calls: int = 0  # > 0: grpc-core refuses calls beyond it before they reach Python (see grpc_options)
     extra_options: list = field(default_factory=list)
     reuse_port: bool = False  # SO_REUSEPORT on the gRPC port, so that `kiln serve --workers N` processes share it
     private_host: str | None = None  # also listen on an ephemeral port of this host (workers reach each other there)
@@ -54,6 +55,15 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA bundle: mutual TLS, clients must present a certificate it signed
     auth_token_file: Path | None = None  # bearer tokens (one per line) every inference RPC needs
     admin_token_file: Path | None = None  # bearer tokens allowed to load/unload models
+
+
+def pending_call_limits(limit: int) -> list[tuple[str, int]]:
+    """grpc-core's backlog of calls not yet taken by the Python server: past the soft limit it refuses a
+    growing share of new calls, past the hard limit (twice) all of them, in C, before they cost the event
+    loop anything. Under overload this bounds the wait of every accepted call."""
+    if limit <= 0:
+        return []
+    return [("grpc.server.max_pending_requests", limit), ("grpc.server.max_pending_requests_hard_limit", 2 * limit)]
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -127,6 +137,7 @@ class KilnServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+            *pending_call_limits(settings.max_pending_calls),
             *settings.extra_options,
         ]
         server = grpc.aio.server(options=options, interceptors=auth_interceptors(settings))

@@ -43,6 +43,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--strict-readiness", type=_bool, default=True, help="ServerReady only when every start-up model is ready (default: true)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS", help="how long shutdown waits for accepted requests (default: 30)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message accepted (default: 64 MiB)")
+    p.add_argument("--max-pending-calls", type=int, default=0, metavar="N",
+                   help="calls gRPC may hold before kiln takes them; beyond N it starts refusing, beyond 2N it refuses all "
+                   "(default: 0 = gRPC's own 1000 / 3000)")
     p.add_argument("--log-format", choices=["plain", "json"], default="plain", help="log line format (default: plain)")
     p.add_argument("--log-level", default="INFO", help="log level (default: INFO)")
     p.add_argument("--allow-metrics", type=_bool, default=True, help="Prometheus metrics endpoint and histograms (default: true)")
@@ -94,6 +97,7 @@ def _serve(args) -> int:
         strict_readiness=args.strict_readiness,
         grace_period_s=args.grace_period,
         max_message_bytes=args.max_message_bytes,
+        max_pending_calls=args.max_pending_calls,
         allow_metrics=args.allow_metrics,
         latency_buckets=buckets,
         access_log=args.access_log,

@@ -182,3 +182,39 @@ def test_cancelled_stream_frees_its_slots(served):
     assert float(y_of(responses[0].infer_response)[0]) == 8.0
     assert gate.calls == 2
     wait_until(lambda: held.scheduler.inflight == 0, what="in-flight to return to 0")
+
+
+def success_count(stub, model: str) -> int:
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=5)
+    return stats.model_stats[0].inference_stats.success.count
+
+
+def test_pending_call_limit_refuses_the_backlog_before_it_reaches_kiln(tmp_path, start_server):
+    """--max-pending-calls: while the event loop cannot take calls, grpc-core holds at most 2 x N and
+    refuses the rest at once (a bare CANCELLED, grpc-core's status); none of those reach kiln."""
+    limit = 4
+    server = start_server(make_repo(tmp_path / "repo"), max_pending_calls=limit)
+    with grpc.insecure_channel(server.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(request("plain"), timeout=5)  # connected and warm
+        before = success_count(stub, "plain")
+        server.loop.call_soon_threadsafe(time.sleep, 1.0)  # the event loop takes no call for 1 s
+        time.sleep(0.05)
+        sent = time.monotonic()
+        futures = [stub.ModelInfer.future(request("plain", i), timeout=30) for i in range(100)]
+        done_at: list[float] = []
+        for future in futures:
+            future.add_done_callback(lambda f: done_at.append(time.monotonic()))
+        held = 2 * limit + 1  # the hard limit, plus the one call the server has already asked for
+        # refused while kiln's event loop is still blocked (it frees up 1 s after the block began)
+        wait_until(lambda: len(done_at) >= 100 - held, timeout=0.8, what="the refusals while the loop is blocked")
+        outcomes = []
+        for i, future in enumerate(futures):
+            try:
+                outcomes.append(float(y_of(future.result())[0]) == 2.0 * i)
+            except grpc.RpcError as error:
+                outcomes.append((error.code(), error.details()))
+        served = outcomes.count(True)
+        assert 1 <= served <= held, outcomes
+        assert outcomes.count((grpc.StatusCode.CANCELLED, "CANCELLED")) == 100 - served, outcomes
+        assert success_count(stub, "plain") - before == served  # the refused never reached kiln
