@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--metrics-port", type=int, default=0, help="(default: grpc port + 2000)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batcher delay (default: 0, as kiln's mlp)")
+    ap.add_argument("--intra-op-threads", type=int, default=1, help="ORT intra-op threads, 0 = ORT's default (default: 1)")
     args = ap.parse_args()
 
     from pytriton.decorators import batch
@@ -38,7 +39,7 @@ def main() -> int:
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # as model_repo/mlp/config.pbtxt
+    options.intra_op_num_threads = args.intra_op_threads  # compare.py passes what kiln's config.pbtxt says
     session = ort.InferenceSession(str(args.model), sess_options=options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
