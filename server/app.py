@@ -46,7 +46,7 @@ class ServerSettings:
     allow_metrics: bool = True  # False: no /metrics endpoint and no histogram recording (ModelStatistics stays)
     latency_buckets: tuple[float, ...] | None = None  # None: KILN_LATENCY_BUCKETS or the defaults
     access_log: bool = False  # one log line per inference request (logger kiln.access)
-    max_pending_calls: int = 0  # > 0: grpc-core refuses calls beyond it before they reach Python (see grpc_options)
+    max_pending_calls: int = 0  # > 0: grpc-core refuses calls beyond it before they reach Python (see pending_call_limits)
     extra_options: list = field(default_factory=list)
     reuse_port: bool = False  # SO_REUSEPORT on the gRPC port, so that `kiln serve --workers N` processes share it
     private_host: str | None = None  # also listen on an ephemeral port of this host (workers reach each other there)

@@ -127,7 +127,7 @@ def _add_connection_flags(p) -> None:
                    help="server address HOST:PORT, or several replicas as ipv4:HOST:PORT,HOST:PORT (default: 127.0.0.1:8001)")
     p.add_argument("--round-robin", action="store_true", help="spread calls over every address of --url (client-side balancing)")
     p.add_argument("--retries", type=int, default=0, choices=range(5), metavar="N",
-                   help="retry a call answered UNAVAILABLE up to N times, with back-off (0-4, default: 0)")
+                   help="retry a call answered UNAVAILABLE (or CANCELLED by a closing server) up to N times, with back-off (0-4, default: 0)")
     p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA certificate to trust: connect with TLS")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for a server that requires mutual TLS")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
