@@ -1,8 +1,10 @@
 """grpc.health.v1 for Kubernetes probes.
 
-Service "" is ServerReady; service "<model>" is that model's latest ready
-version. Status is computed from the repository on every call, so it can never
-drift from what ModelReady says; Watch wakes when the repository changes.
+Service "" is ServerReady (readiness probes); service "<model>" is that model's
+latest ready version; service "kiln/live" is ServerLive (liveness probes): SERVING
+while the process runs, also while models load and while it drains, when a restart
+would not help. Status is computed from the repository on every call, so it can
+never drift from what ModelReady says; Watch wakes when the repository changes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from server.dataplane import DataPlane
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+LIVENESS_SERVICE = "kiln/live"  # no model can have this name: model names have no "/"
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
@@ -33,6 +36,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
     def status(self, service: str):
         if service == "":
             return SERVING if self.dataplane.ready() else NOT_SERVING
+        if service == LIVENESS_SERVICE:
+            return SERVING
         entry = self.dataplane.repository.models.get(service)
         if entry is None:
             return None

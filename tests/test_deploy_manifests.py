@@ -18,6 +18,7 @@ from yamllint.config import YamlLintConfig
 
 from conftest import REPO_ROOT
 from server.cli import build_parser
+from server.health import LIVENESS_SERVICE
 from server.metrics import FAMILIES
 from server.runtime import BACKENDS
 from test_dockerfile import exec_form, stages, values
@@ -126,10 +127,8 @@ def test_deployment_args_parse_with_kiln_and_match_ports_probes_and_volume(path)
     assert port_number(kiln["ports"], "grpc") == args.grpc_port
     assert port_number(kiln["ports"], "metrics") == args.metrics_port
     assert kiln["readinessProbe"]["grpc"] == {"port": args.grpc_port, "service": ""}  # ServerReady
-    liveness = kiln["livenessProbe"]
     # health "" is NOT_SERVING while models load: a liveness probe on it would restart loading pods
-    assert "grpc" not in liveness or liveness["grpc"].get("service", "") != ""
-    assert liveness.get("tcpSocket", liveness.get("grpc"))["port"] in (args.grpc_port, "grpc")
+    assert kiln["livenessProbe"]["grpc"] == {"port": args.grpc_port, "service": LIVENESS_SERVICE}  # ServerLive
     mounts = {m["mountPath"]: m for m in kiln["volumeMounts"]}
     assert mounts[str(args.model_repository)]["readOnly"] is True
     volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(args.model_repository)]["name"])

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import InferenceServerClient
 
 from onnx_models import scale_model, write_config
+from server.health import LIVENESS_SERVICE
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -148,16 +149,29 @@ def test_health_at_shutdown(repo, start_server, channel_factory):
 
 
 def test_health_not_serving_while_draining(repo, start_server, channel_factory):
-    """Between the start of a shutdown and the end of the drain, Check answers NOT_SERVING."""
+    """Between the start of a shutdown and the end of the drain, Check answers NOT_SERVING for
+    readiness, and SERVING for liveness (the process is busy finishing its work: don't restart it)."""
     server = start_server(repo)
     stub = health_pb2_grpc.HealthStub(channel_factory(server.url))
     server.server.dataplane.shutting_down = True  # the first thing stop() does
     try:
         assert check(stub, "") == NOT_SERVING
         assert check(stub, "a") == NOT_SERVING
+        assert check(stub, LIVENESS_SERVICE) == SERVING
     finally:
         server.server.dataplane.shutting_down = False
     assert check(stub, "") == SERVING
+
+
+def test_liveness_is_serving_while_readiness_is_not(tmp_path, start_server, channel_factory):
+    """A server whose start-up model failed is not ready but alive: a liveness probe must not restart it."""
+    repo = tmp_path / "repo"
+    write_config(repo / "broken", '{name: "broken"')  # unparsable config
+    (repo / "broken" / "1").mkdir()
+    server = start_server(repo)
+    stub = health_pb2_grpc.HealthStub(channel_factory(server.url))
+    assert check(stub, "") == NOT_SERVING
+    assert check(stub, LIVENESS_SERVICE) == SERVING
 
 
 # ---- reflection ------------------------------------------------------------------------------
