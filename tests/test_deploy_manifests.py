@@ -21,7 +21,7 @@ from server.cli import build_parser
 from server.health import LIVENESS_SERVICE
 from server.metrics import FAMILIES
 from server.runtime import BACKENDS
-from test_dockerfile import exec_form, stages, values
+from test_dockerfile import exec_form, values
 
 DEPLOY = REPO_ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
