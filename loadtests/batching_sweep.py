@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

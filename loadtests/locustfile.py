@@ -30,7 +30,6 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()  # before any channel: grpc's C core must cooperate with gevent's greenlets
 
 import grpc  # noqa: E402
-import numpy as np  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 

@@ -200,7 +200,6 @@ def test_pending_call_limit_refuses_the_backlog_before_it_reaches_kiln(tmp_path,
         before = success_count(stub, "plain")
         server.loop.call_soon_threadsafe(time.sleep, 1.0)  # the event loop takes no call for 1 s
         time.sleep(0.05)
-        sent = time.monotonic()
         futures = [stub.ModelInfer.future(request("plain", i), timeout=30) for i in range(100)]
         done_at: list[float] = []
         for future in futures:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import REPO_ROOT, free_port, require_tool
+from conftest import REPO_ROOT, require_tool
 from onnx_models import scale_model, write_config
 from server.cli import build_parser
 from server.protocol import grpc_service_pb2 as pb

@@ -8,7 +8,6 @@ import queue
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import grpc
