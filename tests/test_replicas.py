@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import REPO_ROOT, free_port, require_tool
 from loadtests.replicas import (NGINX_CONF, Nginx, SteadyLoad, mlp_request, nginx_test, render_nginx_config,
@@ -94,6 +96,26 @@ def test_client_side_round_robin_spreads_calls_over_every_replica(cluster):
     replicas, _ = cluster
     moved = calls_per_replica(replicas, connect(round_robin_target(replicas), round_robin=True))
     assert all(m > 0 for m in moved), f"requests per replica: {moved}"
+
+
+def test_round_robin_skips_a_replica_that_is_not_ready(cluster, tmp_path):
+    """Client health checking: a replica whose health "" is NOT_SERVING (a start-up model failed)
+    gets no calls, although it would answer them."""
+    replicas, _ = cluster
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "model_repo" / MODEL, repo / MODEL)
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text('{name: "broken"')  # unparsable: never ready
+    (unready,) = start_replicas(1, repo, MODEL, tmp_path, extra_args=("--load-model", "broken"))
+    try:
+        with grpc.insecure_channel(unready.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        everyone = replicas + [unready]
+        moved = calls_per_replica(everyone, connect(round_robin_target(everyone), round_robin=True))
+        assert moved[-1] == 0 and all(m > 0 for m in moved[:-1]), f"requests per replica: {moved}"
+    finally:
+        stop_replicas([unready])
 
 
 def test_tritonclient_balances_with_kilns_service_config(cluster):
