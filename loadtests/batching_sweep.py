@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,16 +39,12 @@ from google.protobuf import text_format  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.inprocess import run_in_process  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
+from loadtests.ports import free_port  # noqa: E402
 from server.config import read_config_file  # noqa: E402
 
 CEILING_BATCH = 64
 CEILING_CONCURRENCY = 64  # the ceiling is measured in each round next to this step
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_model(source: Path, name: str) -> Path:

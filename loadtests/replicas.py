@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
-from loadtests.peers.compare import free_port, wait_ready  # noqa: E402
+from loadtests.peers.compare import wait_ready  # noqa: E402
+from loadtests.ports import free_port  # noqa: E402
 from server.client import connect  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 

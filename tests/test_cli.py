@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT
+from loadtests.ports import free_port
 
 READY_TIMEOUT_S = 30
 EXIT_TIMEOUT_S = 15

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT
+from loadtests.ports import free_port
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 FINAL_STAGES = ("cpu", "gpu")

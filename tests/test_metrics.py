@@ -297,7 +297,8 @@ def test_json_logs_name_model_load_and_failures(tmp_path):
     import signal
     import subprocess
 
-    from conftest import REPO_ROOT, free_port
+    from conftest import REPO_ROOT
+    from loadtests.ports import free_port
 
     repo = tmp_path / "repo"
     shutil.copytree(BUNDLED / "mlp", repo / "mlp")

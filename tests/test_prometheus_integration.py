@@ -24,7 +24,8 @@ import pytest
 import tritonclient.grpc as triton
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import REPO_ROOT, free_port, require_tool
+from conftest import REPO_ROOT, require_tool
+from loadtests.ports import free_port
 from test_monitoring_bundle import ALERTS, dashboard_targets
 
 GOOD, BAD, UNKNOWN = 30, 12, 5

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import REPO_ROOT, free_port, require_tool
+from conftest import REPO_ROOT, require_tool
+from loadtests.ports import free_port
 from loadtests.replicas import (NGINX_CONF, Nginx, SteadyLoad, mlp_request, nginx_test, render_nginx_config,
                                 round_robin_target, start_replicas, stop_replicas)
 from server.client import connect, response_arrays, service_config

@@ -14,7 +14,7 @@ import onnx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import free_port
+from loadtests.ports import free_port
 from onnx_models import write_config
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from loadtests.ports import free_port
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.workers import LOCAL_METADATA, WORKER_METADATA, WORKER_PID_METADATA, merge_metrics, merge_statistics
