@@ -1,11 +1,12 @@
-"""Tiny ONNX models written by the tests themselves (identity and arithmetic), one per datatype."""
+"""Tiny ONNX models written by the tests themselves (identity and arithmetic, one per datatype), and a slow one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from server.datatypes import DATATYPES, datatype_to_config_type
 
@@ -69,6 +70,23 @@ def scale_model(path: Path, factor: float, dims: list[int]) -> None:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
         initializer=[helper.make_tensor("k", TensorProto.FLOAT, [], [factor])],
+    )
+    _save(graph, path)
+
+
+def slow_identity_model(path: Path, dims: list[int], depth: int) -> None:
+    """y = x @ I @ I ... (depth MatMuls with the identity over the last dim): real compute, exact output."""
+    shape = ["batch"] + dims
+    nodes, previous = [], "x"
+    for i in range(depth):
+        out = "y" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [out]))
+        previous = out
+    graph = helper.make_graph(
+        nodes, "slow_identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        initializer=[numpy_helper.from_array(np.eye(dims[-1], dtype=np.float32), "w")],
     )
     _save(graph, path)
 

@@ -19,42 +19,22 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as triton
-from onnx import TensorProto, helper, numpy_helper
 
 from conftest import REPO_ROOT, require_tool
 from loadtests.ports import free_port
+from onnx_models import slow_identity_model
 from test_monitoring_bundle import ALERTS, dashboard_targets
 
 GOOD, BAD, UNKNOWN = 30, 12, 5
 ALL_ALERTS = {"KilnHighErrorRatio", "KilnHighP99Latency", "KilnQueueSaturation", "KilnModelNotReady"}
 
 
-def slow_model(path: Path, width: int = 512, rows: int = 64, layers: int = 12) -> None:
-    """y = x @ W @ W ... : tens of milliseconds per request on one CPU thread."""
-    weight = numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")
-    nodes, last = [], "x"
-    for i in range(layers):
-        out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [last, "w"], [out]))
-        last = out
-    graph = helper.make_graph(
-        nodes, "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", rows, width])],
-        initializer=[weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-
-
 def build_repo(root: Path) -> Path:
     shutil.copytree(REPO_ROOT / "model_repo" / "mlp", root / "mlp")
-    slow_model(root / "slow" / "1" / "model.onnx")
+    # y = x @ I ... (12 MatMuls over [64, 512] rows): tens of milliseconds per request on one CPU thread
+    slow_identity_model(root / "slow" / "1" / "model.onnx", [64, 512], 12)
     (root / "slow" / "config.pbtxt").write_text("""
 name: "slow"
 platform: "onnxruntime_onnx"

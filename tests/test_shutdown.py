@@ -10,12 +10,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnx import TensorProto, helper, numpy_helper
 
 from loadtests.ports import free_port
-from onnx_models import write_config
+from onnx_models import slow_identity_model, write_config
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 from test_cli import Serve
@@ -24,27 +22,8 @@ WIDTH = 256
 DEPTH = 60  # MatMuls per execution: a few ms of real compute per batch, so work is in flight at the signal
 
 
-def slow_identity_model(path: Path, width: int = WIDTH, depth: int = DEPTH) -> None:
-    """y = x @ I @ I ... (depth times): real compute, exact output (y == x)."""
-    nodes, previous = [], "x"
-    for i in range(depth):
-        out = "y" if i == depth - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [previous, "w"], [out]))
-        previous = out
-    graph = helper.make_graph(
-        nodes, "slow_identity",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
-        initializer=[numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-
-
 def slow_repo(root: Path) -> Path:
-    slow_identity_model(root / "slow" / "1" / "model.onnx")
+    slow_identity_model(root / "slow" / "1" / "model.onnx", [WIDTH], DEPTH)
     write_config(root / "slow", f"""
 name: "slow"
 platform: "onnxruntime_onnx"
