@@ -36,9 +36,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,16 +47,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from loadtests.ports import free_port  # noqa: E402
+from loadtests.replicas import Nginx, start_replicas  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
-from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 CALL = "/inference.GRPCInferenceService/ModelInfer"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_request(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
@@ -90,56 +83,20 @@ class KilnProcess:
     """`kiln serve` on a temporary repository with one model, its queue bounded."""
 
     def __init__(self, source: Path, max_queue_size: int, extra_args: list[str] | None = None) -> None:
-        extra_args = list(extra_args or [])
         self.dir = Path(tempfile.mkdtemp(prefix="kiln-overload-"))
         repo = self.dir / "repo"
         shutil.copytree(source, repo / source.name)
         config = repo / source.name / "config.pbtxt"
         if max_queue_size:
             config.write_text(with_queue_limit(config.read_text(), max_queue_size))
-        self.port = free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.log = open(self.dir / "serve.log", "w")
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(self.port),
-             "--metrics-port", "-1", *extra_args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(self.url) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while True:
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        break
-                except grpc.RpcError:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"kiln serve did not start:\n{(self.dir / 'serve.log').read_text()}")
-                time.sleep(0.1)
+        (self.replica,) = start_replicas(1, repo, source.name, self.dir, extra_args=tuple(extra_args or ()))
+        self.port = self.replica.port
+        self.url = self.replica.url
 
     def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = -9
-        self.log.close()
+        code = self.replica.terminate()
         shutil.rmtree(self.dir, ignore_errors=True)
         return code
-
-
-def limited_nginx(server: KilnProcess, limit: int):
-    """nginx in front of `server`, admitting at most `limit` calls in flight."""
-    import re
-
-    from loadtests.replicas import Nginx, render_nginx_config
-
-    text, count = re.subn(r"limit_conn kiln_inflight \d+;", f"limit_conn kiln_inflight {limit};",
-                          render_nginx_config(free_port(), [server.port]))
-    if count != 1:
-        raise SystemExit("deploy/nginx/nginx.conf has no `limit_conn kiln_inflight N;` line")
-    return Nginx.from_config(text, server.dir)
 
 
 # ---- load generation (client processes, one asyncio loop each) ----------------------------------
@@ -272,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     server = KilnProcess(args.model_dir, args.max_queue_size, pending)
     nginx = None
     if args.via_nginx:
-        nginx = limited_nginx(server, args.via_nginx)
+        nginx = Nginx(free_port(), [server.port], server.dir, inflight_limit=args.via_nginx)
         server.url = nginx.url  # every step below goes through the balancer
     request = make_request(args.model_dir.name, args.width, args.rows)
     report: dict = {"cores": os.cpu_count(), "rows": args.rows, "max_queue_size": args.max_queue_size, "duration_s": args.duration,

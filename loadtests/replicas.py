@@ -44,20 +44,25 @@ from loadtests.peers.compare import wait_ready  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from server.client import connect  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
+from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
 READY_TIMEOUT_S = 60
 EXIT_TIMEOUT_S = 60
 
 
-def render_nginx_config(listen_port: int, upstream_ports: list[int], template: str | None = None) -> str:
-    """deploy/nginx/nginx.conf with its listen port and upstream servers replaced."""
-    text = NGINX_CONF.read_text() if template is None else template
+def render_nginx_config(listen_port: int, upstream_ports: list[int], inflight_limit: int | None = None) -> str:
+    """deploy/nginx/nginx.conf with its listen port, upstream servers and (given) in-flight cap replaced."""
+    text = NGINX_CONF.read_text()
     text, listens = re.subn(r"listen 127\.0\.0\.1:\d+", f"listen 127.0.0.1:{listen_port}", text)
     server_line = re.compile(r"^(\s*)server 127\.0\.0\.1:\d+( [^;]*)?;\n", re.MULTILINE)
     first = server_line.search(text)
     if listens != 1 or first is None:
         raise ValueError(f"{NGINX_CONF} has no single `listen 127.0.0.1:PORT` or no upstream server line")
+    if inflight_limit is not None:
+        text, caps = re.subn(r"limit_conn kiln_inflight \d+;", f"limit_conn kiln_inflight {inflight_limit};", text)
+        if caps != 1:
+            raise ValueError(f"{NGINX_CONF} has no single `limit_conn kiln_inflight N;` line")
     indent, options = first.group(1), first.group(2) or ""
     servers = "".join(f"{indent}server 127.0.0.1:{port}{options};\n" for port in upstream_ports)
     text = server_line.sub("", text)
@@ -67,13 +72,13 @@ def render_nginx_config(listen_port: int, upstream_ports: list[int], template: s
 class Nginx:
     """nginx in the foreground with a rendered config and its own prefix directory."""
 
-    def __init__(self, listen_port: int, upstream_ports: list[int], workdir: Path, config: str | None = None) -> None:
+    def __init__(self, listen_port: int, upstream_ports: list[int], workdir: Path, inflight_limit: int | None = None) -> None:
         self.port = listen_port
         self.url = f"127.0.0.1:{listen_port}"
         self.prefix = workdir / f"nginx-{listen_port}"
         self.prefix.mkdir(parents=True, exist_ok=True)
         self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(config or render_nginx_config(listen_port, upstream_ports))
+        self.conf.write_text(render_nginx_config(listen_port, upstream_ports, inflight_limit))
         self.log_path = self.prefix / "nginx.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
@@ -81,12 +86,6 @@ class Nginx:
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         wait_listening(self.port, self.process, self.log_path)
-
-    @classmethod
-    def from_config(cls, config: str, workdir: Path) -> Nginx:
-        """nginx running an already rendered config (listening where it says)."""
-        port = int(re.search(r"listen 127\.0\.0\.1:(\d+)", config).group(1))
-        return cls(port, [], workdir, config)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -142,7 +141,7 @@ class Replica:
     def success_count(self, model: str) -> int:
         """Successful requests of `model` this replica served (its own ModelStatistics)."""
         with grpc.insecure_channel(self.url) as channel:
-            stub = connect_stub(channel)
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
             stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
         return sum(s.inference_stats.success.count for s in stats.model_stats)
 
@@ -154,12 +153,6 @@ class Replica:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
-
-
-def connect_stub(channel: grpc.Channel):
-    from server.protocol import grpc_service_pb2_grpc as pb_grpc
-
-    return pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def start_replicas(count: int, repository: Path, model: str, workdir: Path, grace_s: float = 30.0,

@@ -153,10 +153,8 @@ def test_nginx_refuses_calls_beyond_its_in_flight_limit_with_unavailable(nginx_t
     (replica,) = start_replicas(1, REPO_ROOT / "model_repo", MODEL, tmp_path)
     nginx = None
     try:
-        config = render_nginx_config(free_port(), [replica.port])
-        config, count = re.subn(r"limit_conn kiln_inflight \d+;", "limit_conn kiln_inflight 1;", config)
-        assert count == 1
-        nginx = Nginx.from_config(config, tmp_path)
+        nginx = Nginx(free_port(), [replica.port], tmp_path, inflight_limit=1)
+        assert "limit_conn kiln_inflight 1;" in nginx.conf.read_text()
         channel = grpc.insecure_channel(nginx.url)
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         request = mlp_request(MODEL, 1, seed=0)[0].SerializeToString()
