@@ -18,8 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-ZOO_FACTORY_MODULE = "export.zoo"
-
 
 @dataclass(frozen=True)
 class ZooModel:

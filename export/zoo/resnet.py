@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -132,14 +132,6 @@ def step_notes(step: dict) -> list[str]:
             f"  ! offered rate {step['offered_rps']:g} req/s NOT sustained: {step['open_loop']['reason']}"
         )
     return notes
-
-
-def print_table(steps: Sequence[dict], out: TextIO) -> None:
-    print(table_header(), file=out)
-    for step in steps:
-        print(table_row(step), file=out)
-        for note in step_notes(step):
-            print(note, file=out)
 
 
 def write_json(report: dict, path: Path) -> None:
