@@ -28,22 +28,20 @@ PARITY_ATOL_FP32 = 1e-4
 _MAX_SINGLE_FILE_BYTES = 2**31 - 1
 
 
+def _clear(message) -> None:
+    message.doc_string = ""
+    del message.metadata_props[:]
+
+
 def _strip_metadata(model: onnx.ModelProto) -> None:
     """Drop exporter annotations that carry no semantics (source locations, node names)."""
 
     def strip_graph(graph: onnx.GraphProto) -> None:
-        graph.doc_string = ""
-        del graph.metadata_props[:]
-        for seq in (graph.input, graph.output, graph.value_info):
-            for vi in seq:
-                vi.doc_string = ""
-                del vi.metadata_props[:]
-        for init in graph.initializer:
-            init.doc_string = ""
-            del init.metadata_props[:]
+        _clear(graph)
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            _clear(value)
         for node in graph.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
+            _clear(node)
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     strip_graph(attr.g)
@@ -51,15 +49,12 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
                     for g in attr.graphs:
                         strip_graph(g)
 
-    model.doc_string = ""
-    del model.metadata_props[:]
+    _clear(model)
     strip_graph(model.graph)
     for fn in model.functions:
-        fn.doc_string = ""
-        del fn.metadata_props[:]
+        _clear(fn)
         for node in fn.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
+            _clear(node)
 
 
 def _check_batch_dim(model: onnx.ModelProto) -> None:
