@@ -37,7 +37,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         if service == "":
             return SERVING if self.dataplane.ready() else NOT_SERVING
         if service == LIVENESS_SERVICE:
-            return SERVING
+            return SERVING if self.dataplane.live() else NOT_SERVING  # the answer ServerLive gives
         entry = self.dataplane.repository.models.get(service)
         if entry is None:
             return None
