@@ -62,6 +62,7 @@ from server.logs import configure_logging
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ControlMode
+from server.runtime.base import CPU_SHARE_ENV
 from server.service import InferenceService, grpc_errors
 
 log = logging.getLogger("kiln.workers")
@@ -490,6 +491,8 @@ class Supervisor:
         self.log_format = log_format
         self.log_level = log_level
         self.workers = [_Worker(i) for i in range(workers)]
+        # each worker's runtimes size their thread pools to this, not to the whole machine
+        self.cpu_share = max(1, len(os.sched_getaffinity(0)) // workers)
         self.run_dir: Path | None = None
         self.selector = selectors.DefaultSelector()
         self.stopping = False
@@ -614,7 +617,8 @@ class Supervisor:
         if restarted:
             command.append("--restarted")
         try:
-            process = subprocess.Popen(command, pass_fds=(report_w,), stdin=subprocess.PIPE)
+            process = subprocess.Popen(command, pass_fds=(report_w,), stdin=subprocess.PIPE,
+                                       env=dict(os.environ, **{CPU_SHARE_ENV: str(self.cpu_share)}))
         finally:
             os.close(report_w)
         with self._lock:

@@ -46,3 +46,18 @@ def test_gpu_accelerators_shape_the_provider_list():
 def test_bad_values_fail_the_load_with_the_key(extra):
     with pytest.raises(RuntimeLoadError, match="intra_op_thread_count|graph_optimization_level"):
         options(extra)
+
+
+@pytest.mark.parametrize(("share", "configured", "expected"), [("", "", 0), ("1", "", 1), ("1", "3", 3)])
+def test_a_workers_share_of_the_cores_sizes_ort_when_the_config_does_not(tmp_path, monkeypatch, share, configured, expected):
+    """`kiln serve --workers N` sets KILN_CPU_SHARE in each worker: N ORT pools of every core would oversubscribe."""
+    from tests.onnx_models import scale_model
+    from server.runtime.base import CPU_SHARE_ENV
+    from server.runtime.onnxruntime import OnnxRuntime
+
+    scale_model(tmp_path / "model.onnx", 2.0, [4])
+    monkeypatch.setenv(CPU_SHARE_ENV, share)
+    extra = param("intra_op_thread_count", configured) if configured else ""
+    config = to_model_config(parse_config_text(BASE.replace("[2]", "[4]") + extra), "onnxruntime_onnx")
+    runtime = OnnxRuntime(tmp_path / "model.onnx", config)
+    assert runtime._session.get_session_options().intra_op_num_threads == expected

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -169,6 +170,17 @@ def test_requests_spread_and_statistics_add_up(workers):
     assert samples[("kiln_inflight_requests", mlp)] == 0.0
     workers_seen = {dict(labels).get("worker") for (name, labels) in samples if name == "process_cpu_seconds_total"}
     assert workers_seen == {"0", "1"}
+
+
+def test_each_worker_is_given_its_share_of_the_cores(workers):
+    """Runtimes size their thread pools to KILN_CPU_SHARE (tests/test_onnxruntime_options.py): 2 workers halve it."""
+    from server.runtime.base import CPU_SHARE_ENV
+
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    for index, group in workers.connect(CONNECTIONS).items():
+        pid = group[0].worker()[1]
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        assert environ[CPU_SHARE_ENV] == str(expected), f"worker {index}"
 
 
 def test_explicit_load_and_unload_reach_every_worker(workers):

@@ -8,8 +8,9 @@ Servers (each serving model_repo/<model>/1/model.onnx with one ORT intra-op thre
   floor     loadtests/floor_server.py: bare grpc.aio + ORT, no batching (when that file exists)
   mlserver  MLServer 1.7, custom onnxruntime runtime, adaptive batching (parallel_workers 0 and 1)
   pytriton  PyTriton 0.7, onnxruntime session bound with Triton's dynamic batcher
-Generators: `kiln bench` closed loop, and perf_analyzer from the tritonclient wheel
-(--measurement-interval 5000 --stability-percentage 25). perf_analyzer calls ModelConfig,
+Generators: `kiln bench` closed loop, perf_analyzer from the tritonclient wheel
+(--measurement-interval 5000 --stability-percentage 25), and h2load (loadtests/h2load.py, C,
+the lightest: it leaves the server the most of the 2 cores). perf_analyzer calls ModelConfig,
 which MLServer 1.7 and the floor do not implement: those cells say n/a.
 PyTriton gets the queue delay and ORT threads of kiln's config.pbtxt for the model.
 Targets (issue "Load tests and benchmarks"): mlp c=16 kiln >= 2x PyTriton and >= 4x MLServer;
@@ -40,6 +41,7 @@ import grpc  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
+from loadtests import h2load  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -149,17 +151,33 @@ def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_
     }
 
 
+def run_h2load(url: str, model: str, concurrency: list[int], args, workdir: Path) -> dict:
+    channel = grpc.insecure_channel(url)
+    try:
+        workload = h2load.prepare(pb_grpc.GRPCInferenceServiceStub(channel), url, model, workdir)
+    finally:
+        channel.close()
+    steps = {}
+    for c in concurrency:
+        steps[str(c)] = h2load.run_closed_loop(workload, c, args.duration, args.connections, args.warmup)
+        step = steps[str(c)]
+        print(f"h2load c={c}: {step['throughput_rps']:.0f} req/s, p50 {step['latency_ms']['p50']:.2f} ms, "
+              f"{step['errors']} errors", flush=True)
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mlp", help="bundled model to serve everywhere (default: mlp)")
     ap.add_argument("--servers", default="", help="comma-separated subset (default: every installed one)")
     ap.add_argument("--concurrency", default="1,16")
-    ap.add_argument("--duration", type=float, default=5.0, help="kiln bench seconds per step (default: 5)")
+    ap.add_argument("--duration", type=float, default=5.0, help="kiln bench and h2load seconds per step (default: 5)")
     ap.add_argument("--connections", type=int, default=1,
-                    help="kiln bench gRPC connections, the same for every server (default: 1)")
+                    help="kiln bench gRPC / h2load HTTP/2 connections, the same for every server (default: 1)")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--measurement-interval", type=int, default=5000, help="perf_analyzer ms (default: 5000)")
     ap.add_argument("--no-perf-analyzer", action="store_true")
+    ap.add_argument("--no-h2load", action="store_true", help="skip h2load (also skipped when it is not installed)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers, order reversed every other round (default: 2)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results")
     args = ap.parse_args(argv)
@@ -191,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                             env=dict(os.environ, **extra_env), start_new_session=True)
                 entry = report["servers"].setdefault(name, {"command": " ".join(cmd), "rounds": []})
-                this: dict = {"bench": {}, "perf_analyzer": {}, "loadavg": os.getloadavg()[0]}
+                this: dict = {"bench": {}, "perf_analyzer": {}, "h2load": {}, "loadavg": os.getloadavg()[0]}
                 entry["rounds"].append(this)
                 try:
                     url = f"127.0.0.1:{port}"
@@ -204,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
                         for c in concurrency:
                             this["perf_analyzer"][str(c)] = perf_analyzer(args.model, url, c, args.measurement_interval, args.out)
                             print(f"perf_analyzer c={c}: {this['perf_analyzer'][str(c)]}", flush=True)
+                    if not args.no_h2load and h2load.h2load_path():
+                        this["h2load"] = run_h2load(url, args.model, concurrency, args, Path(tmp))
                 except Exception as exc:  # one broken peer must not lose the others' numbers
                     this["error"] = f"{type(exc).__name__}: {exc} (log: {log_path})"
                     print(f"{name}: {this['error']}", flush=True)
                 finally:
                     stop(proc)
     report["machine"]["loadavg_end"] = os.getloadavg()
-    report["checks"] = checks(report)
+    report["checks"] = [check for kiln in ("kiln", "kiln-w2") if kiln in report["servers"] for check in checks(report, kiln)]
     path = args.out / f"peers-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
@@ -227,62 +247,70 @@ def _mean(values: list) -> float | None:
 
 
 def summary(report: dict, server: str, c: int) -> dict | None:
-    """Mean over rounds of kiln bench's throughput and percentiles, and perf_analyzer's, for one server and c."""
+    """Means over rounds, for one server and c: kiln bench's throughput and percentiles, perf_analyzer's, h2load's."""
     rounds = report["servers"].get(server, {}).get("rounds", [])
     steps = [r["bench"][str(c)] for r in rounds if str(c) in r["bench"]]
     if not steps:
         return None
     pas = [r["perf_analyzer"].get(str(c)) for r in rounds]
     pas_ok = [p for p in pas if p and "error" not in p]
+    h2s = [r.get("h2load", {}).get(str(c)) for r in rounds]
+    h2s = [h for h in h2s if h]
     return {
         "throughput_rps": _mean([s["throughput_rps"] for s in steps]),
         "rounds_rps": [s["throughput_rps"] for s in steps],
         "p50_ms": _mean([s["latency_ms"]["p50"] for s in steps]),
-        "rounds_p50_ms": [s["latency_ms"]["p50"] for s in steps],
         "p99_ms": _mean([s["latency_ms"]["p99"] for s in steps]),
         "avg_batch": _mean([(s["server"] or {}).get("avg_batch") for s in steps]),
         "pa_rps": _mean([p["throughput_rps"] for p in pas_ok]),
+        "pa_rounds_rps": [p["throughput_rps"] for p in pas_ok],
         "pa_p50_ms": _mean([p["p50_ms"] for p in pas_ok]),
         "pa_error": next((p["error"] for p in pas if p and "error" in p), None),
+        "h2_rps": _mean([h["throughput_rps"] for h in h2s]),
+        "h2_rounds_rps": [h["throughput_rps"] for h in h2s],
+        "h2_p50_ms": _mean([h["latency_ms"]["p50"] for h in h2s]),
+        "h2_errors": sum(h["errors"] for h in h2s),
     }
 
 
 # the issue's throughput targets: model -> (concurrency, [(peer prefix, factor)])
 THROUGHPUT_TARGETS = {"mlp": (16, [("pytriton", 2.0), ("mlserver", 4.0)]), "mlp_wide": (64, [("pytriton", 1.5)])}
+# generator -> summary keys of its throughput, per-round throughputs and p50
+GENERATORS = {"kiln bench": ("throughput_rps", "rounds_rps", "p50_ms"),
+              "perf_analyzer": ("pa_rps", "pa_rounds_rps", "pa_p50_ms"),
+              "h2load": ("h2_rps", "h2_rounds_rps", "h2_p50_ms")}
 
 
-def checks(report: dict) -> list[dict]:
+def checks(report: dict, kiln: str = "kiln") -> list[dict]:
+    """The issue's targets for `kiln` (or a variant such as kiln-w2), with every generator that measured both sides."""
     out = []
     c, targets = THROUGHPUT_TARGETS.get(report["model"], (16, []))
-    kiln_c, kiln1 = summary(report, "kiln", c), summary(report, "kiln", 1)
+    kiln_c, kiln1 = summary(report, kiln, c), summary(report, kiln, 1)
     mlservers = [s for s in report["servers"] if s.startswith("mlserver")]
     peers = [(name, factor) for prefix, factor in targets for name in report["servers"] if name.startswith(prefix)]
-    if kiln_c:
+    for generator, (rps, rounds, p50) in GENERATORS.items():
         for peer, factor in peers:
             other = summary(report, peer, c)
-            if other and other["throughput_rps"]:
-                ratio = kiln_c["throughput_rps"] / other["throughput_rps"]
-                per_round = ", ".join(f"{a / b:.2f}x" for a, b in zip(kiln_c["rounds_rps"], other["rounds_rps"]) if b)
-                out.append({"target": f"c={c} throughput (kiln bench) kiln >= {factor:g}x {peer}",
+            if kiln_c and other and kiln_c[rps] and other[rps]:
+                ratio = kiln_c[rps] / other[rps]
+                per_round = ", ".join(f"{a / b:.2f}x" for a, b in zip(kiln_c[rounds], other[rounds]) if b)
+                out.append({"target": f"c={c} throughput ({generator}) {kiln} >= {factor:g}x {peer}",
                             "measured": f"{ratio:.2f}x (rounds: {per_round})", "pass": ratio >= factor})
-                if kiln_c["pa_rps"] and other["pa_rps"]:
-                    ratio = kiln_c["pa_rps"] / other["pa_rps"]
-                    out.append({"target": f"c={c} throughput (perf_analyzer) kiln >= {factor:g}x {peer}",
-                                "measured": f"{ratio:.2f}x", "pass": ratio >= factor})
-    if kiln1:
         for peer in mlservers:
             other = summary(report, peer, 1)
-            if other and other["p50_ms"]:
-                share = kiln1["p50_ms"] / other["p50_ms"]
-                out.append({"target": f"c=1 p50 kiln <= 50% of {peer}",
-                            "measured": f"{share * 100:.0f}% ({kiln1['p50_ms']:.2f} vs {other['p50_ms']:.2f} ms)", "pass": share <= 0.5})
+            if kiln1 and other and kiln1[p50] and other[p50]:
+                share = kiln1[p50] / other[p50]
+                out.append({"target": f"c=1 p50 ({generator}) {kiln} <= 50% of {peer}",
+                            "measured": f"{share * 100:.0f}% ({kiln1[p50]:.2f} vs {other[p50]:.2f} ms)",
+                            "pass": share <= 0.5})
     return out
 
 
 def markdown(report: dict) -> str:
     cs = report["concurrency"]
     head = (["server"] + [f"c={c} req/s" for c in cs] + [f"c={c} p50 / p99 ms" for c in cs]
-            + [f"perf_analyzer c={c} req/s (p50 ms)" for c in cs] + [f"avg batch c={cs[-1]}"])
+            + [f"perf_analyzer c={c} req/s (p50 ms)" for c in cs] + [f"h2load c={c} req/s (p50 ms)" for c in cs]
+            + [f"avg batch c={cs[-1]}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     errors = []
     for name in report["servers"]:
@@ -299,7 +327,9 @@ def markdown(report: dict) -> str:
             else:
                 cells.append("n/a" if r and r["pa_error"] else "-")
                 if r and r["pa_error"]:
-                    errors.append(f"{name}: {r['pa_error']}")
+                    errors.append(f"perf_analyzer n/a, {name}: {r['pa_error']}")
+        cells += [f"{r['h2_rps']:.0f} ({r['h2_p50_ms']:.2f})" if r and r["h2_rps"] is not None else "-" for r in rows]
+        errors += [f"{name}: h2load saw {r['h2_errors']} failed calls at c={c}" for c, r in zip(cs, rows) if r and r["h2_errors"]]
         last = rows[-1]
         cells.append(f"{last['avg_batch']:.1f}" if last and last["avg_batch"] else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -307,7 +337,7 @@ def markdown(report: dict) -> str:
     lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['target']}: {c['measured']}" for c in report["checks"]]
     if errors:
         lines.append("")
-        lines += [f"- perf_analyzer n/a, {e}" for e in sorted(set(errors))]
+        lines += [f"- {e}" for e in sorted(set(errors))]
     return "\n".join(lines)
 
 

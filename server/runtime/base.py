@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
@@ -11,6 +11,20 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from server.model_types import ModelConfig
+
+
+# Set by `kiln serve --workers N` for each worker: the cores that worker may use (usable cores / N).
+# A runtime that would size its thread pool by the machine's cores uses this instead, so N workers
+# do not each start a pool as large as the machine.
+CPU_SHARE_ENV = "KILN_CPU_SHARE"
+
+
+def worker_cpu_share() -> int:
+    """This worker's share of the cores, or 0 outside `--workers N` (the runtime's own default)."""
+    try:
+        return max(0, int(os.environ.get(CPU_SHARE_ENV, "0")))
+    except ValueError:
+        return 0
 
 
 class RuntimeLoadError(Exception):

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from server.model_types import ModelConfig
-from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo
+from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo, worker_cpu_share
 
 log = logging.getLogger("kiln.runtime.onnxruntime")
 
@@ -38,7 +38,7 @@ _GRAPH_LEVELS = {-1: "ORT_DISABLE_ALL", 0: "ORT_ENABLE_BASIC", 1: "ORT_ENABLE_EX
 class OrtOptions:
     """Session options read from config parameters (Triton's ORT backend keys)."""
 
-    intra_op_threads: int = 0  # 0: ORT's default (one per core)
+    intra_op_threads: int = 0  # 0: ORT's default (one per core), or the worker's share of the cores
     inter_op_threads: int = 0
     parallel_execution: bool = False
     # ORT's intra-op threads spin while waiting for work; on few cores that spinning takes CPU
@@ -105,7 +105,8 @@ class OnnxRuntime:
         options = OrtOptions.from_config(config)
         self.options = options
         session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.intra_op_threads
+        # unset in config.pbtxt: ORT's default (one thread per core), or this worker's share of the cores
+        session_options.intra_op_num_threads = options.intra_op_threads or worker_cpu_share()
         if not options.allow_spinning:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")

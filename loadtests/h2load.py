@@ -1,0 +1,206 @@
+"""ModelInfer load from h2load, nghttp2's HTTP/2 load generator written in C.
+
+    python -m loadtests.h2load mlp --concurrency 1,16 --connections 4 --duration 5
+
+Why a third generator beside `kiln bench` and perf_analyzer: on a 2-core machine the
+generator's CPU is taken from the server it measures. `kiln bench` (Python gRPC) needs
+~0.6 of a core for 2.7k calls/s and perf_analyzer ~0.3; h2load needs ~0.05, so what it
+measures is closest to what the server alone can do.
+
+h2load speaks HTTP/2, not gRPC: every call POSTs the same body (the 5-byte gRPC frame
+header and one serialized ModelInferRequest) with gRPC's headers. It cannot read
+grpc-status, and a gRPC error is an HTTP 200 answer without a body (trailers only), so
+calls that succeeded are counted from the response bytes it received: one successful
+answer to this request is measured first, with a real gRPC call, and
+ok = DATA bytes / bytes per answer. Latency percentiles come from h2load's per-request
+log and include failed calls when there are any (`errors` says how many).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from loadtests.bench.report import latency_summary  # noqa: E402
+from loadtests.inputs import fetch_metadata, make_requests  # noqa: E402
+
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+
+__all__ = ["Workload", "h2load_path", "prepare", "run_closed_loop", "run_fixed_rate"]
+
+
+def h2load_path() -> str | None:
+    return shutil.which("h2load")
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """gRPC's length-prefixed message: uncompressed flag, 4-byte big-endian length, bytes."""
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One request body on disk and the size of one successful answer to it."""
+
+    url: str
+    model: str
+    body_path: Path
+    ok_answer_bytes: int
+
+
+def prepare(stub, url: str, model: str, workdir: Path, batch_size: int = 1, seed: int = 0) -> Workload:
+    """A valid request for `model` (random values from its metadata), sent once for real."""
+    request = make_requests(fetch_metadata(stub, model), batch_size, variants=1, seed=seed)[0]
+    answer = stub.ModelInfer(request, timeout=30)
+    body_path = workdir / f"{model}-b{batch_size}.grpc"
+    body_path.write_bytes(grpc_frame(request.SerializeToString()))
+    return Workload(url, model, body_path, len(grpc_frame(answer.SerializeToString())))
+
+
+_SUMMARY = {
+    "requests": re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                           r"(\d+) errored, (\d+) timeout"),
+    "data": re.compile(r"traffic: .*\((\d+)\) data"),
+}
+
+
+def _parse_summary(text: str) -> dict[str, int]:
+    found = {key: pattern.search(text) for key, pattern in _SUMMARY.items()}
+    missing = [key for key, match in found.items() if match is None]
+    if missing:
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise RuntimeError(f"h2load printed no {', '.join(missing)} line:\n{tail}")
+    total, started, done, succeeded, failed, errored, timeout = map(int, found["requests"].groups())
+    return {"started": started, "done": done, "http_ok": succeeded, "http_failed": failed + errored + timeout,
+            "data_bytes": int(found["data"].group(1))}
+
+
+def _read_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(start times in s, durations in s) of the requests h2load logged; failed streams have status -1."""
+    rows = np.loadtxt(path, dtype=np.int64, ndmin=2) if path.stat().st_size else np.zeros((0, 3), np.int64)
+    return rows[:, 0] / 1e6, rows[:, 2] / 1e6
+
+
+def _run(workload: Workload, argv_tail: list[str], duration_s: float) -> dict:
+    exe = h2load_path()
+    if exe is None:
+        raise RuntimeError("h2load not found: apt-get install nghttp2-client")
+    with tempfile.TemporaryDirectory(prefix="kiln-h2load-") as tmp:
+        log_path = Path(tmp) / "requests.tsv"
+        argv = [exe, "-D", f"{duration_s:g}", *argv_tail, "-d", str(workload.body_path),
+                *[arg for header in GRPC_HEADERS for arg in ("-H", header)],
+                "--log-file", str(log_path), f"http://{workload.url}{INFER_PATH}"]
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f"h2load exited with {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        counts = _parse_summary(proc.stdout)
+        starts, durations = _read_log(log_path)
+    ok, leftover = divmod(counts["data_bytes"], workload.ok_answer_bytes)
+    if leftover or ok > counts["done"]:
+        raise RuntimeError(f"{counts['data_bytes']} response bytes are not a whole number of {workload.ok_answer_bytes}-byte "
+                           f"answers for {counts['done']} calls: the answers differ in size, ok cannot be counted")
+    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return {
+        "generator": "h2load",
+        "duration_s": duration_s,
+        "sent": counts["started"],
+        "done": counts["done"],
+        "ok": ok,
+        "errors": counts["done"] - ok,
+        "throughput_rps": ok / duration_s,
+        "latency_ms": latency_summary(durations),
+        "client_cpu_cores": cpu_s / duration_s,
+        "first_send_s": float(starts.min()) if starts.size else None,
+        "command": "h2load " + " ".join(argv[1:]).replace(str(workload.body_path), workload.body_path.name),
+    }
+
+
+def _split(total: int, connections: int, what: str) -> int:
+    if total < connections or total % connections:
+        raise ValueError(f"{what} {total} must be a multiple of --connections {connections}")
+    return total // connections
+
+
+def run_closed_loop(workload: Workload, concurrency: int, duration_s: float, connections: int = 1,
+                    warmup_s: float = 1.0) -> dict:
+    """`concurrency` calls in flight over `connections` HTTP/2 connections (at most one per call),
+    each sent when the last answered.
+
+    The warm-up is a separate h2load run: h2load's own warm-up still counts its bytes.
+    """
+    connections = min(connections, concurrency)
+    tail = ["-c", str(connections), "-m", str(_split(concurrency, connections, "concurrency"))]
+    if warmup_s > 0:
+        _run(workload, tail, warmup_s)
+    return {"concurrency": concurrency, "connections": connections, **_run(workload, tail, duration_s)}
+
+
+def run_fixed_rate(workload: Workload, rate: int, duration_s: float, connections: int = 4,
+                   max_inflight_per_connection: int = 256) -> dict:
+    """`rate` calls/s in all at h2load's fixed pace per connection (not Poisson), up to
+    `max_inflight_per_connection` outstanding calls on each; latency counts from the actual send."""
+    tail = ["-c", str(connections), "-m", str(max_inflight_per_connection),
+            "--rps", str(_split(rate, connections, "rate"))]
+    return {"rate": rate, "connections": connections, **_run(workload, tail, duration_s)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import grpc
+
+    from server.protocol import grpc_service_pb2_grpc as pb_grpc
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--url", default="127.0.0.1:8001")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--concurrency", default="", help="closed-loop steps, e.g. 1,16,64")
+    ap.add_argument("--rate", default="", help="fixed-rate steps in calls/s, e.g. 1000,2000")
+    ap.add_argument("--connections", type=int, default=1, help="HTTP/2 connections (default: 1)")
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--json", type=Path, help="write the steps here")
+    args = ap.parse_args(argv)
+    if not args.concurrency and not args.rate:
+        ap.error("give --concurrency and/or --rate")
+    channel = grpc.insecure_channel(args.url)
+    steps = []
+    with tempfile.TemporaryDirectory(prefix="kiln-h2load-") as tmp:
+        workload = prepare(pb_grpc.GRPCInferenceServiceStub(channel), args.url, args.model, Path(tmp), args.batch_size)
+        channel.close()
+        for c in [int(c) for c in args.concurrency.split(",") if c]:
+            steps.append(run_closed_loop(workload, c, args.duration, args.connections, args.warmup))
+        for r in [int(r) for r in args.rate.split(",") if r]:
+            steps.append(run_fixed_rate(workload, r, args.duration, args.connections))
+    print(f"h2load: {args.model} @ {args.url}, batch {args.batch_size}, {args.connections} connection(s), {args.duration:g} s per step")
+    print(f"{'step':>10} {'done':>8} {'ok':>8} {'err':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'cli cpu':>8}")
+    for s in steps:
+        name = f"c={s['concurrency']}" if "concurrency" in s else f"r={s['rate']}"
+        lat = s["latency_ms"]
+        cells = [f"{lat[k]:8.2f}" if lat[k] is not None else f"{'-':>8}" for k in ("p50", "p90", "p99")]
+        print(f"{name:>10} {s['done']:8d} {s['ok']:8d} {s['errors']:5d} {s['throughput_rps']:9.1f} {' '.join(cells)} "
+              f"{s['client_cpu_cores']:8.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "url": args.url, "steps": steps}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
