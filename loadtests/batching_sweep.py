@@ -16,6 +16,11 @@ Targets checked (issue "dynamic batcher"):
   mlp @ c>=8:      batching >= no-batching within 5%
   mlp @ c=1:       p50 with batching <= p50 without + max_queue_delay + 0.1 ms
 Output: a table, a JSON report and a PNG plot under loadtests/results/ (or --out).
+
+`--generator h2load` drives the same steps with h2load (loadtests/h2load.py, C) instead of
+`kiln bench`: on 2 cores it leaves the server ~0.15-0.5 of a core more. `--workers N`
+serves with `kiln serve --workers N` (each worker batches on its own, with its share of
+the cores for ORT); the ceiling stays ORT alone with the config's own threads.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from google.protobuf import text_format  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.inprocess import run_in_process  # noqa: E402
-from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
+from loadtests import h2load  # noqa: E402
+from loadtests.bench.runner import BenchConfig, run_bench, stats_snapshot  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from server.config import read_config_file  # noqa: E402
 
@@ -86,7 +92,7 @@ def make_repository(source: Path, models: list[str], target: Path) -> dict[str, 
     return info
 
 
-def start_server(repo: Path, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(repo: Path, port: int, log_path: Path, workers: int = 1) -> subprocess.Popen:
     import grpc
 
     from server.protocol import grpc_service_pb2 as pb
@@ -95,7 +101,7 @@ def start_server(repo: Path, port: int, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-         "--metrics-port", "-1", "--grace-period", "5"],
+         "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
     )
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -111,6 +117,17 @@ def start_server(repo: Path, port: int, log_path: Path) -> subprocess.Popen:
         time.sleep(0.3)
     proc.terminate()
     raise SystemExit(f"kiln serve not ready after 120 s; log: {log_path}")
+
+
+def h2load_step(workload: h2load.Workload, stub, concurrency: int, args) -> dict:
+    """One closed-loop step by h2load, shaped like a `kiln bench` step (items/s, client CPU, server split)."""
+    h2load.run_closed_loop(workload, concurrency, args.warmup, args.connections, warmup_s=0)
+    before = stats_snapshot(stub, workload.model, "")
+    step = h2load.run_closed_loop(workload, concurrency, args.duration, args.connections, warmup_s=0)
+    step["server"] = rp.server_delta(before, stats_snapshot(stub, workload.model, ""))
+    step["throughput_items_per_s"] = step["throughput_rps"]  # batch-1 requests
+    step["client"] = {"cpu_cores": step["client_cpu_cores"]}
+    return step
 
 
 def ceiling(model_dir: Path, duration: float) -> dict:
@@ -211,6 +228,17 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def h2load_workloads(url: str, models: list[str], workdir: Path):
+    """(a stub for ModelStatistics, {variant: h2load workload}) for both copies of every model."""
+    import grpc
+
+    from server.protocol import grpc_service_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
+    variants = [v for m in models for v in (m, f"{m}_nobatch")]
+    return stub, {v: h2load.prepare(stub, url, v, workdir) for v in variants}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,mlp_wide", help="comma-separated models of --source (default: mlp,mlp_wide)")
@@ -218,11 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32,64,128", help="closed-loop concurrencies (default: 1,8,32,64,128)")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default: 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per step (default: 1)")
-    ap.add_argument("--processes", type=int, default=1, help="client processes (default: 1)")
+    ap.add_argument("--processes", type=int, default=1, help="kiln bench client processes (default: 1)")
+    ap.add_argument("--generator", choices=("kiln-bench", "h2load"), default="kiln-bench",
+                    help="load generator (default: kiln-bench)")
+    ap.add_argument("--connections", type=int, default=None,
+                    help="connections in all (default: one per kiln bench process; 8 for h2load)")
+    ap.add_argument("--workers", type=int, default=1, help="kiln serve --workers (default: 1)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over every step, order alternating; the median round counts (default: 1)")
     ap.add_argument("--ceiling-duration", type=float, default=5.0, help="seconds of each in-process ceiling (default: 5)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results", help="folder for JSON/PNG/markdown")
     args = ap.parse_args(argv)
+    if args.connections is None and args.generator == "h2load":
+        args.connections = 8
     models = [m for m in args.models.split(",") if m]
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -231,14 +266,18 @@ def main(argv: list[str] | None = None) -> int:
         "tool": "loadtests/batching_sweep.py", "argv": sys.argv, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": rp.machine_info(), "models": models, "concurrency": concurrency,
         "duration_s": args.duration, "warmup_s": args.warmup, "processes": args.processes, "repeat": args.repeat,
+        "generator": args.generator, "connections": args.connections, "workers": args.workers,
         "results": {}, "ceilings": {}, "checks": [],
     }
     with tempfile.TemporaryDirectory(prefix="kiln-batching-sweep-") as tmp:
         repo = Path(tmp) / "repo"
         report["model_info"] = make_repository(args.source, models, repo)
         port = free_port()
-        server = start_server(repo, port, args.out / f"batching_sweep-{stamp}-server.log")
+        server = start_server(repo, port, args.out / f"batching_sweep-{stamp}-server.log", args.workers)
         try:
+            stub, workloads = None, {}
+            if args.generator == "h2load":
+                stub, workloads = h2load_workloads(f"127.0.0.1:{port}", models, Path(tmp))
             runs: dict[tuple[str, int], list[dict]] = {}
             for rep in range(args.repeat):
                 for c in concurrency:
@@ -247,10 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                         if rep % 2:  # alternate which copy goes first, so drift favours neither
                             variants.reverse()
                         for variant in variants:
-                            cfg = BenchConfig(url=f"127.0.0.1:{port}", model=variant, concurrency=[c], duration_s=args.duration,
-                                              warmup_s=args.warmup, processes=args.processes)
                             print(f"--- [{rep + 1}/{args.repeat}] {variant} c={c}  (load {os.getloadavg()[0]:.1f})", flush=True)
-                            runs.setdefault((variant, c), []).append(run_bench(cfg, progress=False)["steps"][0])
+                            if workloads:
+                                step = h2load_step(workloads[variant], stub, c, args)
+                            else:
+                                cfg = BenchConfig(url=f"127.0.0.1:{port}", model=variant, concurrency=[c], duration_s=args.duration,
+                                                  warmup_s=args.warmup, processes=args.processes,
+                                                  connections=args.connections or 0)
+                                step = run_bench(cfg, progress=False)["steps"][0]
+                            runs.setdefault((variant, c), []).append(step)
                         if model == "mlp_wide" and c == CEILING_CONCURRENCY:
                             print(f"--- [{rep + 1}/{args.repeat}] in-process ceiling, batch {CEILING_BATCH}", flush=True)
                             report["ceilings"].setdefault(model, []).append(ceiling(repo / model, args.ceiling_duration))

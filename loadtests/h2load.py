@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from loadtests.bench.report import latency_summary  # noqa: E402
 from loadtests.inputs import fetch_metadata, make_requests  # noqa: E402
 
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+TICK_S = 0.010  # h2load's --rps timer
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 
 __all__ = ["Workload", "h2load_path", "prepare", "run_closed_loop", "run_fixed_rate"]
@@ -91,45 +93,54 @@ def _parse_summary(text: str) -> dict[str, int]:
             "data_bytes": int(found["data"].group(1))}
 
 
-def _read_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(start times in s, durations in s) of the requests h2load logged; failed streams have status -1."""
+def _read_log(path: Path) -> np.ndarray:
+    """Durations in s of the requests h2load logged (columns: start µs, HTTP status or -1, duration µs)."""
     rows = np.loadtxt(path, dtype=np.int64, ndmin=2) if path.stat().st_size else np.zeros((0, 3), np.int64)
-    return rows[:, 0] / 1e6, rows[:, 2] / 1e6
+    return rows[:, 2] / 1e6
 
 
-def _run(workload: Workload, argv_tail: list[str], duration_s: float) -> dict:
+def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes: int = 1,
+         stagger_s: float = 0.0) -> dict:
+    """`processes` h2load runs of `argv_tail` at once, each started `stagger_s` after the last; their sums."""
     exe = h2load_path()
     if exe is None:
         raise RuntimeError("h2load not found: apt-get install nghttp2-client")
     with tempfile.TemporaryDirectory(prefix="kiln-h2load-") as tmp:
-        log_path = Path(tmp) / "requests.tsv"
-        argv = [exe, "-D", f"{duration_s:g}", *argv_tail, "-d", str(workload.body_path),
-                *[arg for header in GRPC_HEADERS for arg in ("-H", header)],
-                "--log-file", str(log_path), f"http://{workload.url}{INFER_PATH}"]
+        logs = [Path(tmp) / f"requests-{i}.tsv" for i in range(processes)]
+        argvs = [[exe, "-D", f"{round(duration_s * 1000)}ms", *argv_tail, "-d", str(workload.body_path),
+                  *[arg for header in GRPC_HEADERS for arg in ("-H", header)],
+                  "--log-file", str(log), f"http://{workload.url}{INFER_PATH}"] for log in logs]
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
+        procs = []
+        for i, argv in enumerate(argvs):
+            if i:
+                time.sleep(stagger_s)
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [proc.communicate(timeout=duration_s + 60) for proc in procs]
         cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if proc.returncode != 0:
-            raise RuntimeError(f"h2load exited with {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
-        counts = _parse_summary(proc.stdout)
-        starts, durations = _read_log(log_path)
-    ok, leftover = divmod(counts["data_bytes"], workload.ok_answer_bytes)
-    if leftover or ok > counts["done"]:
-        raise RuntimeError(f"{counts['data_bytes']} response bytes are not a whole number of {workload.ok_answer_bytes}-byte "
-                           f"answers for {counts['done']} calls: the answers differ in size, ok cannot be counted")
+        for proc, (out, err) in zip(procs, outputs):
+            if proc.returncode != 0:
+                raise RuntimeError(f"h2load exited with {proc.returncode}: {(err or out).strip()[-300:]}")
+        counts = [_parse_summary(out) for out, _ in outputs]
+        durations = np.concatenate([_read_log(log) for log in logs])
+    done, data_bytes = sum(c["done"] for c in counts), sum(c["data_bytes"] for c in counts)
+    ok, leftover = divmod(data_bytes, workload.ok_answer_bytes)
+    if leftover or ok > done:
+        raise RuntimeError(f"{data_bytes} response bytes are not a whole number of {workload.ok_answer_bytes}-byte "
+                           f"answers for {done} calls: the answers differ in size, ok cannot be counted")
     cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    command = "h2load " + " ".join(argvs[0][1:]).replace(str(workload.body_path), workload.body_path.name)
     return {
         "generator": "h2load",
         "duration_s": duration_s,
-        "sent": counts["started"],
-        "done": counts["done"],
+        "sent": sum(c["started"] for c in counts),
+        "done": done,
         "ok": ok,
-        "errors": counts["done"] - ok,
+        "errors": done - ok,
         "throughput_rps": ok / duration_s,
         "latency_ms": latency_summary(durations),
         "client_cpu_cores": cpu_s / duration_s,
-        "first_send_s": float(starts.min()) if starts.size else None,
-        "command": "h2load " + " ".join(argv[1:]).replace(str(workload.body_path), workload.body_path.name),
+        "command": command if processes == 1 else f"{processes} x ({command}), started {stagger_s * 1000:.1f} ms apart",
     }
 
 
@@ -153,13 +164,20 @@ def run_closed_loop(workload: Workload, concurrency: int, duration_s: float, con
     return {"concurrency": concurrency, "connections": connections, **_run(workload, tail, duration_s)}
 
 
-def run_fixed_rate(workload: Workload, rate: int, duration_s: float, connections: int = 4,
-                   max_inflight_per_connection: int = 256) -> dict:
-    """`rate` calls/s in all at h2load's fixed pace per connection (not Poisson), up to
-    `max_inflight_per_connection` outstanding calls on each; latency counts from the actual send."""
-    tail = ["-c", str(connections), "-m", str(max_inflight_per_connection),
-            "--rps", str(_split(rate, connections, "rate"))]
-    return {"rate": rate, "connections": connections, **_run(workload, tail, duration_s)}
+def run_fixed_rate(workload: Workload, rate: float, duration_s: float, processes: int = 10,
+                   max_inflight: int = 1000) -> dict:
+    """About `rate` calls/s in all, from `processes` h2load runs of one connection each.
+
+    h2load paces --rps with a 10 ms timer: every tick sends the calls due since the last, so
+    one run sends bursts of rate/100. Runs started TICK_S/processes apart tick at different
+    moments, which spreads the calls (bursts of rate/(100 x processes), not Poisson). Each run
+    sends a whole number of calls/s, so the rate is rounded to a multiple of `processes`.
+    Latency counts from the actual send.
+    """
+    per_process = max(1, round(rate / processes))
+    tail = ["-c", "1", "-m", str(max(1, max_inflight // processes)), "--rps", str(per_process)]
+    return {"rate": per_process * processes, "processes": processes,
+            **_run(workload, tail, duration_s, processes, stagger_s=TICK_S / processes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="127.0.0.1:8001")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--concurrency", default="", help="closed-loop steps, e.g. 1,16,64")
-    ap.add_argument("--rate", default="", help="fixed-rate steps in calls/s, e.g. 1000,2000")
+    ap.add_argument("--rate", default="", help="fixed-rate steps in calls/s, e.g. 1000,2000 (10 staggered one-connection runs)")
     ap.add_argument("--connections", type=int, default=1, help="HTTP/2 connections (default: 1)")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
@@ -187,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         channel.close()
         for c in [int(c) for c in args.concurrency.split(",") if c]:
             steps.append(run_closed_loop(workload, c, args.duration, args.connections, args.warmup))
-        for r in [int(r) for r in args.rate.split(",") if r]:
-            steps.append(run_fixed_rate(workload, r, args.duration, args.connections))
+        for r in [float(r) for r in args.rate.split(",") if r]:
+            steps.append(run_fixed_rate(workload, r, args.duration))
     print(f"h2load: {args.model} @ {args.url}, batch {args.batch_size}, {args.connections} connection(s), {args.duration:g} s per step")
     print(f"{'step':>10} {'done':>8} {'ok':>8} {'err':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'cli cpu':>8}")
     for s in steps:

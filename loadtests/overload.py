@@ -26,6 +26,16 @@ refusals count like queue-full ones. --max-pending-calls N starts kiln with that
 backlog limit (its refusals, a bare CANCELLED, count too).
 
     .venv/bin/python -m loadtests.overload --duration 10 --factors 3 --via-nginx 48
+
+--generator h2load: a Python client cannot offer several times kiln's capacity on the cores it
+shares with kiln (it falls behind its own schedule, and the lag shows as latency). h2load (C,
+loadtests/h2load.py) then sends the load: the capacity step is its closed loop, and each open-loop
+step is h2load at the step's rate minus --probe-rate plus a Python probe sending the rest as Poisson
+arrivals. The probe's calls go through the same server at the same moment as h2load's, and give
+the step's latencies and status codes (h2load cannot read grpc-status); h2load's own counts give
+the offered and accepted totals.
+
+    .venv/bin/python -m loadtests.overload --duration 10 --factors 3 --via-nginx 32 --generator h2load
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +58,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from loadtests import h2load  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.replicas import Nginx, start_replicas  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
@@ -66,10 +78,15 @@ def make_request(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
 REFUSALS = ("queue is full", "too many calls in flight")  # kiln's queue bound, nginx's limit_conn
 
 
-def is_refusal(code: grpc.StatusCode, details: str) -> bool:
-    """A call turned away at once for overload. grpc-core's backlog limit (--max-pending-calls, and
-    its own default of 1000/3000) answers a bare CANCELLED (no shutdown happens during the steps)."""
-    return any(text in details for text in REFUSALS) or (code == grpc.StatusCode.CANCELLED and details == "CANCELLED")
+def refusal_reason(code: grpc.StatusCode, details: str) -> str | None:
+    """Who turned a call away at once for overload, or None. grpc-core's backlog limit (--max-pending-calls,
+    and its own default of 1000/3000) answers a bare CANCELLED (no shutdown happens during the steps)."""
+    for text in REFUSALS:
+        if text in details:
+            return text
+    if code == grpc.StatusCode.CANCELLED and details == "CANCELLED":
+        return "grpc-core backlog"
+    return None
 
 
 def with_queue_limit(config: str, max_queue_size: int) -> str:
@@ -117,7 +134,8 @@ async def _open_loop(url: str, request: bytes, rate: float, duration: float, sta
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
-            code = exc.code().name + (":refused" if is_refusal(exc.code(), details) else f":{details[:60]}")
+            reason = refusal_reason(exc.code(), details)
+            code = exc.code().name + (f":refused:{reason}" if reason else f":{details[:60]}")
         results.append((sent - start_at, time.monotonic() - sent, code))
 
     when = start_at
@@ -196,14 +214,54 @@ def pct(values, q: float) -> float | None:
 
 def summarize(rows, duration: float) -> dict:
     ok = [lat for _, lat, code in rows if code == "OK"]
-    full = [lat for _, lat, code in rows if code.endswith(":refused")]
-    other = sorted({code for _, _, code in rows if code != "OK" and not code.endswith(":refused")})
+    full = [lat for _, lat, code in rows if ":refused:" in code]
+    other = sorted({code for _, _, code in rows if code != "OK" and ":refused:" not in code})
+    by_reason: dict[str, int] = {}
+    for _, _, code in rows:
+        if ":refused:" in code:
+            reason = code.split(":refused:", 1)[1]
+            by_reason[reason] = by_reason.get(reason, 0) + 1
     return {
         "sent": len(rows), "offered_per_s": round(len(rows) / duration, 1), "accepted": len(ok),
-        "accepted_per_s": round(len(ok) / duration, 1), "refused": len(full),
+        "accepted_per_s": round(len(ok) / duration, 1), "refused": len(full), "refused_by": by_reason,
         "other_failures": len(rows) - len(ok) - len(full), "other_codes": other,
         "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99), "refusal_p99_ms": pct(full, 99),
     }
+
+
+class H2loadLoad:
+    """The steps' load from h2load, with a Python probe measuring what each call went through."""
+
+    def __init__(self, pool, url: str, model: str, request: bytes, probe_rate: float, connections: int) -> None:
+        from server.protocol import grpc_service_pb2_grpc as pb_grpc
+
+        self.pool, self.url, self.request, self.probe_rate, self.connections = pool, url, request, probe_rate, connections
+        self.workdir = Path(tempfile.mkdtemp(prefix="kiln-overload-h2load-"))
+        with grpc.insecure_channel(url) as channel:
+            self.workload = h2load.prepare(pb_grpc.GRPCInferenceServiceStub(channel), url, model, self.workdir)
+
+    def capacity(self, concurrency: int, duration: float) -> dict:
+        step = h2load.run_closed_loop(self.workload, concurrency, duration, self.connections, warmup_s=0)
+        return {"sent": step["done"], "accepted": step["ok"], "accepted_per_s": round(step["ok"] / duration, 1),
+                "other_failures": step["errors"], "p50_ms": step["latency_ms"]["p50"], "p99_ms": step["latency_ms"]["p99"],
+                "h2load": step}
+
+    def open_loop(self, rate: float, duration: float) -> dict:
+        """h2load at rate - probe_rate and the probe at probe_rate, at the same time; the probe's summary,
+        with h2load's totals beside it."""
+        background: dict = {}
+        thread = threading.Thread(target=lambda: background.update(
+            h2load.run_fixed_rate(self.workload, rate - self.probe_rate, duration)))
+        thread.start()
+        probe = summarize(run_load(self.pool, "open", self.url, self.request, self.probe_rate, duration, 1), duration)
+        thread.join()
+        probe["h2load"] = background
+        probe["offered_per_s"] = round((background.get("done", 0) + probe["sent"]) / duration, 1)
+        probe["accepted_per_s"] = round((background.get("ok", 0) + probe["accepted"]) / duration, 1)
+        return probe
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="kiln serve --max-pending-calls N: grpc-core refuses the backlog beyond N (default: off)")
     parser.add_argument("--via-nginx", type=int, default=0, metavar="LIMIT",
                         help="send through nginx with at most LIMIT calls in flight (default: direct)")
+    parser.add_argument("--generator", choices=("python", "h2load"), default="python",
+                        help="who sends the load: Python client processes, or h2load plus a Python probe (default: python)")
+    parser.add_argument("--probe-rate", type=float, default=200.0,
+                        help="with h2load: the probe's share of each open-loop step, calls/s (default: 200)")
+    parser.add_argument("--connections", type=int, default=8,
+                        help="with h2load: its connections in the capacity step (default: 8)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -234,27 +298,41 @@ def main(argv: list[str] | None = None) -> int:
     request = make_request(args.model_dir.name, args.width, args.rows)
     report: dict = {"cores": os.cpu_count(), "rows": args.rows, "max_queue_size": args.max_queue_size, "duration_s": args.duration,
                     "model": args.model_dir.name, "nginx_inflight_limit": args.via_nginx, "steps": {}}
+    report["generator"] = args.generator if args.generator == "python" else f"h2load + probe {args.probe_rate:g}/s"
     ctx = mp.get_context("spawn")
+    load = None
     try:
         with ctx.Pool(args.processes) as pool:
+            if args.generator == "h2load":
+                load = H2loadLoad(pool, server.url, args.model_dir.name, request, args.probe_rate, args.connections)
+
+            def closed_loop(concurrency: int) -> dict:
+                if load is not None:
+                    return load.capacity(concurrency, args.duration)
+                rows = run_load(pool, "closed", server.url, request, concurrency, args.duration, args.processes)
+                return summarize(rows, args.duration)
+
+            def open_loop(rate: float) -> dict:
+                if load is not None:
+                    return load.open_loop(rate, args.duration)
+                return summarize(run_load(pool, "open", server.url, request, rate, args.duration, args.processes),
+                                 args.duration)
+
             sequential(server.url, request, 1.0)  # warm-up
             idle = sequential(server.url, request, 3.0)
             report["idle_p50_ms"] = pct(idle, 50)
             print(f"idle p50 {report['idle_p50_ms']:.3f} ms", flush=True)
-            cap = summarize(run_load(pool, "closed", server.url, request, args.concurrency, args.duration,
-                                     args.processes), args.duration)
+            cap = closed_loop(args.concurrency)
             capacity = cap["accepted_per_s"]
             report["steps"]["capacity"] = cap
             print(f"capacity {capacity:.0f} req/s (closed loop, {args.concurrency} in flight): {cap}", flush=True)
-            base = summarize(run_load(pool, "open", server.url, request, 0.8 * capacity, args.duration,
-                                      args.processes), args.duration)
+            base = open_loop(0.8 * capacity)
             report["steps"]["load_80pct"] = base
             print(f"80% load: {base}", flush=True)
             verdicts = []
             for factor in [float(f) for f in args.factors.split(",")]:
-                rows = run_load(pool, "open", server.url, request, factor * capacity, args.duration, args.processes)
+                over = open_loop(factor * capacity)
                 stopped = time.monotonic()
-                over = summarize(rows, args.duration)
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - stopped)))
                 after = sequential(server.url, request, 2.0)
                 over["recovery_p50_ms"] = pct(after, 50)
@@ -268,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                 verdicts.append((f"{factor:g}x: no failure but refusals ({over['other_codes']})",
                                  over["other_failures"] == 0))
     finally:
+        if load is not None:
+            load.close()
         if nginx is not None:
             nginx.stop()
         report["server_exit_code"] = server.stop()

@@ -67,7 +67,7 @@ def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _stats_snapshot(stub, model: str, version: str) -> dict | None:
+def stats_snapshot(stub, model: str, version: str) -> dict | None:
     """ModelStatistics summed over the model's versions; None when the server has no such RPC."""
     try:
         response = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version), timeout=10)
@@ -282,13 +282,13 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
                 while time.monotonic() < measure_end:
                     now = time.monotonic()
                     if before is None and cfg.server_stats and now >= measure_start:
-                        before = _stats_snapshot(stub, cfg.model, cfg.version)
+                        before = stats_snapshot(stub, cfg.model, cfg.version)
                     bar.update(workers.completed())
                     time.sleep(min(0.2, max(0.0, measure_end - now)))
                 if before is None and cfg.server_stats:
-                    before = _stats_snapshot(stub, cfg.model, cfg.version)
+                    before = stats_snapshot(stub, cfg.model, cfg.version)
                 if cfg.server_stats:
-                    after = _stats_snapshot(stub, cfg.model, cfg.version)
+                    after = stats_snapshot(stub, cfg.model, cfg.version)
                 results = workers.collect(measure_end + cfg.timeout_s + 30)
                 step = _summarize(cfg, mode, value, results, (measure_start, measure_end), before, after, workers)
                 report["steps"].append(step)
