@@ -18,7 +18,7 @@ Targets checked (issue "dynamic batcher"):
 Output: a table, a JSON report and a PNG plot under loadtests/results/ (or --out).
 
 `--generator h2load` drives the same steps with h2load (loadtests/h2load.py, C) instead of
-`kiln bench`: on 2 cores it leaves the server ~0.15-0.5 of a core more. `--workers N`
+`kiln bench`: on 2 cores it leaves the server ~0.1-0.5 of a core more. `--workers N`
 serves with `kiln serve --workers N` (each worker batches on its own, with its share of
 the cores for ORT); the ceiling stays ORT alone with the config's own threads.
 """

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -249,15 +249,13 @@ class H2loadLoad:
     def open_loop(self, rate: float, duration: float) -> dict:
         """h2load at rate - probe_rate and the probe at probe_rate, at the same time; the probe's summary,
         with h2load's totals beside it."""
-        background: dict = {}
-        thread = threading.Thread(target=lambda: background.update(
-            h2load.run_fixed_rate(self.workload, rate - self.probe_rate, duration)))
-        thread.start()
-        probe = summarize(run_load(self.pool, "open", self.url, self.request, self.probe_rate, duration, 1), duration)
-        thread.join()
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            running = executor.submit(h2load.run_fixed_rate, self.workload, rate - self.probe_rate, duration)
+            probe = summarize(run_load(self.pool, "open", self.url, self.request, self.probe_rate, duration, 1), duration)
+            background = running.result()  # h2load's failure is the step's failure
         probe["h2load"] = background
-        probe["offered_per_s"] = round((background.get("done", 0) + probe["sent"]) / duration, 1)
-        probe["accepted_per_s"] = round((background.get("ok", 0) + probe["accepted"]) / duration, 1)
+        probe["offered_per_s"] = round((background["done"] + probe["sent"]) / duration, 1)
+        probe["accepted_per_s"] = round((background["ok"] + probe["accepted"]) / duration, 1)
         return probe
 
     def close(self) -> None:
