@@ -51,7 +51,7 @@ def test_bad_values_fail_the_load_with_the_key(extra):
 @pytest.mark.parametrize(("share", "configured", "expected"), [("", "", 0), ("1", "", 1), ("1", "3", 3)])
 def test_a_workers_share_of_the_cores_sizes_ort_when_the_config_does_not(tmp_path, monkeypatch, share, configured, expected):
     """`kiln serve --workers N` sets KILN_CPU_SHARE in each worker: N ORT pools of every core would oversubscribe."""
-    from tests.onnx_models import scale_model
+    from onnx_models import scale_model
     from server.runtime.base import CPU_SHARE_ENV
     from server.runtime.onnxruntime import OnnxRuntime
 
