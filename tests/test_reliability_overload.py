@@ -233,7 +233,7 @@ def test_overload_script_with_h2load_behind_nginx(tmp_path):
     require_tool("nginx")
     report_path = tmp_path / "overload.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.overload", "--generator", "h2load", "--via-nginx", "16", "--concurrency", "16",
+        [sys.executable, "-m", "loadtests.overload", "--generator", "h2load", "--via-nginx", "16", "--concurrency", "8",
          "--duration", "1.5", "--factors", "3", "--probe-rate", "100", "--json", str(report_path)],
         capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parent.parent,
     )
