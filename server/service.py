@@ -258,17 +258,26 @@ def _guard_unary(behavior):
     return guarded
 
 
+class _MalformedInStream(Exception):
+    """A stream message that does not parse. The request reader raises it and the handler turns it
+    into the call's INVALID_ARGUMENT: aborting from the reader task could race an answer being
+    written (grpc-core refuses the second operation and the call would hang until its deadline)."""
+
+
 def _guard_stream(behavior):
     @functools.wraps(behavior)
     async def guarded(request_iterator, context):
         async def checked():
             async for request in request_iterator:
                 if type(request) is _Malformed:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    raise _MalformedInStream(request.message)
                 yield request
 
-        async for response in behavior(checked(), context):
-            yield response
+        try:
+            async for response in behavior(checked(), context):
+                yield response
+        except _MalformedInStream as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return guarded
 

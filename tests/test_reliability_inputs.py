@@ -206,6 +206,22 @@ def test_bad_input_in_a_stream_keeps_the_stream(stub):
     assert responses["3"].error_message.startswith("[NOT_FOUND]") and "'../etc'" in responses["3"].error_message
 
 
+def test_junk_while_a_streams_answers_are_being_written_is_invalid_argument(server, stub):
+    """The reader meets the junk while answers to the good requests before it are still being sent:
+    the call must end INVALID_ARGUMENT at once, not hang to its deadline (an abort from the reader
+    task raced those writes: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, then DEADLINE_EXCEEDED)."""
+    good = add_sub_request(fp32(1, 4), fp32(1, 4)).SerializeToString()
+    with grpc.insecure_channel(server.url) as channel:
+        stream_call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        for goods in [1] * 150 + [2, 5, 20, 100]:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                list(stream_call(iter([good] * goods + [b"\xff" * 64]), timeout=5))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert time.monotonic() - started < 2
+    assert_serves(stub)
+
+
 def test_unparseable_message_is_rejected_cleanly(server, stub):
     """Bytes that are not a ModelInferRequest at all: a clean error, never a crash."""
     with grpc.insecure_channel(server.url) as channel:
