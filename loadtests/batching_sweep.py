@@ -236,7 +236,7 @@ def h2load_workloads(url: str, models: list[str], workdir: Path):
 
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
     variants = [v for m in models for v in (m, f"{m}_nobatch")]
-    return stub, {v: h2load.prepare(stub, url, v, workdir) for v in variants}
+    return stub, {v: h2load.prepare(url, v, workdir) for v in variants}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,12 +233,9 @@ class H2loadLoad:
     """The steps' load from h2load, with a Python probe measuring what each call went through."""
 
     def __init__(self, pool, url: str, model: str, request: bytes, probe_rate: float, connections: int) -> None:
-        from server.protocol import grpc_service_pb2_grpc as pb_grpc
-
         self.pool, self.url, self.request, self.probe_rate, self.connections = pool, url, request, probe_rate, connections
         self.workdir = Path(tempfile.mkdtemp(prefix="kiln-overload-h2load-"))
-        with grpc.insecure_channel(url) as channel:
-            self.workload = h2load.prepare(pb_grpc.GRPCInferenceServiceStub(channel), url, model, self.workdir)
+        self.workload = h2load.prepare(url, model, self.workdir)
 
     def capacity(self, concurrency: int, duration: float) -> dict:
         step = h2load.run_closed_loop(self.workload, concurrency, duration, self.connections, warmup_s=0)

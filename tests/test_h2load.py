@@ -31,7 +31,7 @@ def success_count(stub, model: str = "mlp") -> int:
 
 def test_closed_loop_counts_match_the_servers_statistics(mlp_server, tmp_path):
     server, stub = mlp_server
-    workload = h2load.prepare(stub, server.url, "mlp", tmp_path)
+    workload = h2load.prepare(server.url, "mlp", tmp_path)
     before = success_count(stub)
     step = h2load.run_closed_loop(workload, concurrency=4, duration_s=1.5, connections=2, warmup_s=0.3)
     served = success_count(stub) - before
@@ -46,7 +46,7 @@ def test_closed_loop_counts_match_the_servers_statistics(mlp_server, tmp_path):
 
 def test_closed_loop_without_warm_up_counts_exactly_what_the_server_served(mlp_server, tmp_path):
     server, stub = mlp_server
-    workload = h2load.prepare(stub, server.url, "mlp", tmp_path)
+    workload = h2load.prepare(server.url, "mlp", tmp_path)
     before = success_count(stub)
     step = h2load.run_closed_loop(workload, concurrency=2, duration_s=1.0, warmup_s=0)
     served = success_count(stub) - before
@@ -57,7 +57,7 @@ def test_closed_loop_without_warm_up_counts_exactly_what_the_server_served(mlp_s
 def test_failed_calls_count_as_errors_not_ok(mlp_server, tmp_path):
     """Every call names a model the server lacks: NOT_FOUND, HTTP 200 without a body."""
     server, stub = mlp_server
-    good = h2load.prepare(stub, server.url, "mlp", tmp_path)
+    good = h2load.prepare(server.url, "mlp", tmp_path)
     bad_request = pb.ModelInferRequest()
     bad_request.ParseFromString(good.body_path.read_bytes()[5:])
     bad_request.model_name = "no_such_model"
@@ -72,8 +72,8 @@ def test_failed_calls_count_as_errors_not_ok(mlp_server, tmp_path):
 
 
 def test_fixed_rate_sends_about_the_rate(mlp_server, tmp_path):
-    server, stub = mlp_server
-    workload = h2load.prepare(stub, server.url, "mlp", tmp_path)
+    server, _ = mlp_server
+    workload = h2load.prepare(server.url, "mlp", tmp_path)
     step = h2load.run_fixed_rate(workload, rate=201, duration_s=2.0, processes=4)
     assert step["rate"] == 200  # a whole number of calls/s per h2load run
     assert step["errors"] == 0 and step["processes"] == 4
@@ -83,8 +83,8 @@ def test_fixed_rate_sends_about_the_rate(mlp_server, tmp_path):
 
 def test_answers_of_unequal_size_are_refused(mlp_server, tmp_path):
     """ok = bytes / answer size only holds when every answer has that size: a wrong size must not pass."""
-    server, stub = mlp_server
-    workload = h2load.prepare(stub, server.url, "mlp", tmp_path)
+    server, _ = mlp_server
+    workload = h2load.prepare(server.url, "mlp", tmp_path)
     # one byte short: the bytes make more answers than calls, or a fraction of one
     skewed = h2load.Workload(workload.url, workload.model, workload.body_path, workload.ok_answer_bytes - 1)
     with pytest.raises(RuntimeError, match="not a whole number"):

@@ -152,11 +152,7 @@ def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_
 
 
 def run_h2load(url: str, model: str, concurrency: list[int], args, workdir: Path) -> dict:
-    channel = grpc.insecure_channel(url)
-    try:
-        workload = h2load.prepare(pb_grpc.GRPCInferenceServiceStub(channel), url, model, workdir)
-    finally:
-        channel.close()
+    workload = h2load.prepare(url, model, workdir)
     steps = {}
     for c in concurrency:
         steps[str(c)] = h2load.run_closed_loop(workload, c, args.duration, args.connections, args.warmup)

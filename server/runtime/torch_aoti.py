@@ -166,8 +166,8 @@ class TorchAotiRuntime:
         except ImportError as exc:
             raise RuntimeLoadError(f"backend torch_aoti needs PyTorch: pip install 'kiln-serve[torch]' ({exc})") from exc
         self._torch = torch
-        if worker_cpu_share():  # in `--workers N`: this worker's cores, not the machine's
-            torch.set_num_threads(worker_cpu_share())
+        if share := worker_cpu_share():  # in `--workers N`: this worker's cores, not the machine's
+            torch.set_num_threads(share)
         sidecar_path = model_file.with_name(model_file.name + SIDECAR_SUFFIX)
         sidecar: dict = {}
         if sidecar_path.is_file():
