@@ -55,6 +55,7 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA bundle: mutual TLS, clients must present a certificate it signed
     auth_token_file: Path | None = None  # bearer tokens (one per line) every inference RPC needs
     admin_token_file: Path | None = None  # bearer tokens allowed to load/unload models
+    event_loop: str = "auto"  # server.eventloop.CHOICES: uvloop where installed, else asyncio's own
 
 
 def pending_call_limits(limit: int) -> list[tuple[str, int]]:

@@ -55,6 +55,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from server import eventloop
 from server.app import KilnServer, ServerSettings
 from server.auth import read_token_file
 from server.errors import KilnError, Status
@@ -425,7 +426,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     configure_logging(spec.log_format, spec.log_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerLogFilter(args.index, spec.log_format != "json"))
-    asyncio.run(_run_worker(spec, args.run_dir, args.index, args.report_fd, args.restarted))
+    eventloop.run(_run_worker(spec, args.run_dir, args.index, args.report_fd, args.restarted), spec.settings.event_loop)
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from server import eventloop
 from server.app import KilnServer, ServerSettings
 from server.repository import ControlMode
 
@@ -34,7 +35,7 @@ class RunningServer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.loop_factory(settings.event_loop)()  # uvloop, as `kiln serve` runs
         self.server = KilnServer(settings)
         self._thread = threading.Thread(target=self.loop.run_forever, name="kiln-test-server", daemon=True)
         self._thread.start()

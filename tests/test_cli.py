@@ -195,6 +195,20 @@ def test_serve_infer_models_and_sigterm(workdir, serve_factory):
     assert port_is_free(grpc_port)
 
 
+@pytest.mark.parametrize("flag, name", [([], "uvloop"), (["--event-loop", "asyncio"], "asyncio")])
+def test_serve_says_which_event_loop_it_runs(workdir, serve_factory, flag, name):
+    grpc_port = free_port()
+    serve = serve_factory(["--grpc-port", str(grpc_port), "--metrics-port", "-1", *flag], workdir, grpc_port)
+    serve.wait_ready()
+    client = triton.InferenceServerClient(serve.url)
+    try:
+        assert client.is_model_ready("mlp")
+    finally:
+        client.close()
+    assert serve.stop(signal.SIGTERM) == 0, serve.output()
+    assert f"event loop: {name}" in serve.output()
+
+
 def test_client_commands_against_no_server(tmp_path):
     url = f"127.0.0.1:{free_port()}"
     results = run_concurrently(
