@@ -5,7 +5,9 @@
 ModelInfer does what any Python gRPC server must do and no more: np.frombuffer the
 raw inputs, session.run inline on the event loop, encode raw outputs. No validation,
 no batching, no thread hand-off, no metrics. Its latency is the cost of Python gRPC
-plus ONNX Runtime; loadtests/latency_floor.py measures kiln against it.
+plus ONNX Runtime; loadtests/latency_floor.py measures kiln against it. It runs on the
+event loop kiln runs on (--event-loop, default uvloop where installed), so the two compare
+like with like.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for the generated stubs
 
+from server import eventloop
 from server.datatypes import NUMPY_DTYPES
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -90,8 +93,9 @@ def main() -> None:
     parser.add_argument("--name", default="mlp", help="model name reported in responses")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto")
     args = parser.parse_args()
-    asyncio.run(serve(args.model, args.name, args.host, args.port))
+    eventloop.run(serve(args.model, args.name, args.host, args.port), args.event_loop)
 
 
 if __name__ == "__main__":
