@@ -1,14 +1,17 @@
-"""`kiln serve --workers N` for several N, same load, same run, rounds in alternating order.
+"""`kiln serve --workers N` (and `--event-loop L`) for several N and L, same load, same run,
+rounds in alternating order.
 
     python -m loadtests.workers_compare                       # workers 1,2,3; mlp; c = 16, 64
     python -m loadtests.workers_compare --workers 1,2 --rounds 4 --processes 2 --connections 16
+    python -m loadtests.workers_compare --workers 1,2 --event-loops asyncio,uvloop --generator h2load
 
-Each round starts one server per N (explicit mode, only --model loaded), waits until every
-worker is ready, runs `kiln bench` closed loop per concurrency with --processes client processes
-and --connections TCP connections (SO_REUSEPORT spreads connections, not requests, over the
-workers), reads the server's CPU from its merged /metrics (process_cpu_seconds_total, summed over
-the workers), then stops it with SIGTERM. Rounds alternate the order of N (1,2,3 then 3,2,1 ...),
-so a drift of the machine's load hits every N alike. Prints per-round and mean tables; --json.
+Each round starts one server per (N, L) (explicit mode, only --model loaded), waits until every
+worker is ready, runs `kiln bench` (or h2load) closed loop per concurrency with --processes client
+processes and --connections TCP connections (SO_REUSEPORT spreads connections, not requests, over
+the workers), reads the server's CPU from its merged /metrics (process_cpu_seconds_total, summed
+over the workers), then stops it with SIGTERM. Rounds alternate the order of the variants (then
+reversed ...), so a drift of the machine's load hits every one alike. Prints per-round and mean
+tables; --json.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,6 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 import grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from loadtests import h2load  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
@@ -67,27 +72,36 @@ def server_cpu_s(metrics_port: int) -> float:
                for s in f.samples if s.name == "process_cpu_seconds_total")
 
 
-def run_one(workers: int, args, out_dir: Path) -> list[dict]:
+def measure(url: str, concurrency: int, args, workdir: Path) -> dict:
+    """One closed-loop step by the chosen generator, as a `kiln bench` step's fields."""
+    if args.generator == "h2load":
+        workload = h2load.prepare(url, args.model, workdir)
+        step = h2load.run_closed_loop(workload, concurrency, args.duration, args.connections, warmup_s=args.warmup)
+        return {**step, "error_count": step["errors"], "client": {"cpu_cores": step["client_cpu_cores"]}}
+    cfg = BenchConfig(url=url, model=args.model, concurrency=[concurrency], duration_s=args.duration,
+                      warmup_s=args.warmup, processes=args.processes, connections=args.connections)
+    (step,) = run_bench(cfg, out=io.StringIO(), progress=False)["steps"]
+    return step
+
+
+def run_one(workers: int, event_loop: str, args, out_dir: Path) -> list[dict]:
     port, metrics_port = free_port(), free_port()
     url = f"127.0.0.1:{port}"
-    log_path = out_dir / f"serve-w{workers}-{port}.log"
+    log_path = out_dir / f"serve-w{workers}-{event_loop}-{port}.log"
     cmd = [sys.executable, "-m", "server", "serve", "--workers", str(workers), "--grpc-port", str(port),
            "--metrics-port", str(metrics_port), "--model-repository", str(args.model_repository),
-           "--model-control-mode", "explicit", "--load-model", args.model, "--log-level", "WARNING"]
-    with open(log_path, "w") as log:
+           "--model-control-mode", "explicit", "--load-model", args.model, "--log-level", "WARNING",
+           "--event-loop", event_loop]
+    with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="kiln-workers-") as workdir:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         steps = []
         try:
             wait_ready(url, args.model, workers, proc)
             for concurrency in args.concurrency:
-                cfg = BenchConfig(url=url, model=args.model, concurrency=[concurrency], duration_s=args.duration,
-                                  warmup_s=args.warmup, processes=args.processes, connections=args.connections)
                 cpu_before, t0 = server_cpu_s(metrics_port), time.monotonic()
-                report = run_bench(cfg, out=io.StringIO(), progress=False)
+                step = measure(url, concurrency, args, Path(workdir))
                 cpu_after, t1 = server_cpu_s(metrics_port), time.monotonic()
-                (step,) = report["steps"]
-                step["workers"] = workers
-                step["server_cpu_cores"] = (cpu_after - cpu_before) / (t1 - t0)
+                step.update(workers=workers, event_loop=event_loop, server_cpu_cores=(cpu_after - cpu_before) / (t1 - t0))
                 steps.append(step)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -97,7 +111,7 @@ def run_one(workers: int, args, out_dir: Path) -> list[dict]:
                 proc.kill()
                 code = proc.wait()
             if code != 0:
-                print(f"  workers {workers}: server exit code {code} (log {log_path})", file=sys.stderr)
+                print(f"  workers {workers}, {event_loop}: server exit code {code} (log {log_path})", file=sys.stderr)
     return steps
 
 
@@ -106,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="mlp")
     p.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repo")
     p.add_argument("--workers", default="1,2,3", help="comma-separated worker counts (default: 1,2,3)")
+    p.add_argument("--event-loops", default="auto", help="comma-separated --event-loop values (default: auto)")
+    p.add_argument("--generator", choices=("kiln-bench", "h2load"), default="kiln-bench")
     p.add_argument("--concurrency", default="16,64", help="closed-loop concurrencies (default: 16,64)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0)
@@ -115,33 +131,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    counts = [int(w) for w in args.workers.split(",")]
+    variants = [(int(w), loop) for w in args.workers.split(",") for loop in args.event_loops.split(",")]
     out_dir = REPO_ROOT / "loadtests" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now()
     machine = rp.machine_info()
-    print(f"workers {counts}, {args.model}, c={args.concurrency}, {args.processes} client processes, "
-          f"{args.connections} connections, {args.rounds} rounds; machine nproc {machine['nproc']}, "
+    print(f"(workers, event loop) {variants}, {args.model}, c={args.concurrency}, {args.generator}, "
+          f"{args.processes} client processes, {args.connections} connections, {args.rounds} rounds; "
+          f"machine nproc {machine['nproc']}, "
           f"load {machine['loadavg']}", flush=True)
     results: list[dict] = []
     for round_ in range(args.rounds):
-        order = counts if round_ % 2 == 0 else counts[::-1]
-        for workers in order:
-            for step in run_one(workers, args, out_dir):
+        order = variants if round_ % 2 == 0 else variants[::-1]
+        for workers, event_loop in order:
+            for step in run_one(workers, event_loop, args, out_dir):
                 step["round"] = round_
                 results.append(step)
                 lat = step["latency_ms"]
-                print(f"round {round_} workers {workers} c={step['concurrency']}: {step['throughput_rps']:.0f} req/s, "
+                print(f"round {round_} workers {workers} {event_loop} c={step['concurrency']}: {step['throughput_rps']:.0f} req/s, "
                       f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, errors {step['error_count']}, "
                       f"server {step['server_cpu_cores']:.2f} cores, client {step['client']['cpu_cores']:.2f} cores, "
                       f"avg batch {((step.get('server') or {}).get('avg_batch') or 0):.2f}", flush=True)
-    print("\n| workers | c | req/s (mean) | per round | p50 ms | p99 ms | server cores | client cores |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| workers | event loop | c | req/s (mean) | per round | p50 ms | p99 ms | server cores | client cores |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for concurrency in args.concurrency:
-        for workers in counts:
-            rows = [r for r in results if r["workers"] == workers and r["concurrency"] == concurrency]
+        for workers, event_loop in variants:
+            rows = [r for r in results if (r["workers"], r["event_loop"], r["concurrency"]) == (workers, event_loop, concurrency)]
             mean = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
-            print(f"| {workers} | {concurrency} | {mean(lambda r: r['throughput_rps']):.0f} | "
+            print(f"| {workers} | {event_loop} | {concurrency} | {mean(lambda r: r['throughput_rps']):.0f} | "
                   f"{' / '.join('%.0f' % r['throughput_rps'] for r in rows)} | "
                   f"{mean(lambda r: r['latency_ms']['p50']):.2f} | {mean(lambda r: r['latency_ms']['p99']):.2f} | "
                   f"{mean(lambda r: r['server_cpu_cores']):.2f} | {mean(lambda r: r['client']['cpu_cores']):.2f} |")
