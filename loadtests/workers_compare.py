@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now()
     machine = rp.machine_info()
+    clients = f"{args.processes} client processes, " if args.generator == "kiln-bench" else ""
     print(f"(workers, event loop) {variants}, {args.model}, c={args.concurrency}, {args.generator}, "
-          f"{args.processes} client processes, {args.connections} connections, {args.rounds} rounds; "
+          f"{clients}{args.connections} connections, {args.rounds} rounds; "
           f"machine nproc {machine['nproc']}, "
           f"load {machine['loadavg']}", flush=True)
     results: list[dict] = []
