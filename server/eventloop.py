@@ -1,8 +1,8 @@
 """Which asyncio event loop the server runs on.
 
 uvloop (libuv, in C) takes less CPU per call than asyncio's own loop: on 2 cores kiln served
-2-10% more ModelInfer calls per second with it under concurrency, the same at one call in
-flight (docs/BENCHMARKS.md, "Event loop"). It is a
+2-10% more ModelInfer calls per second with it under concurrency, for ~0.03 ms more p50 at one
+call in flight (docs/BENCHMARKS.md, "Event loop"). It is a
 dependency wherever it is built (not Windows); "auto" falls back to asyncio's loop without it.
 """
 
