@@ -63,7 +63,7 @@ def success_count(stub, model: str = "mlp", local: bool = False) -> int:
 
 
 class Workers:
-    def __init__(self, repo, tmp_path) -> None:
+    def __init__(self, repo, tmp_path, extra_args: tuple[str, ...] = ()) -> None:
         self.grpc_port, self.metrics_port = free_port(), free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = tmp_path / "workers.log"
@@ -71,7 +71,7 @@ class Workers:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--workers", "2", "--model-repository", str(repo),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
-             "--model-control-mode", "explicit", "--load-model", "mlp", "--grace-period", "5"],
+             "--model-control-mode", "explicit", "--load-model", "mlp", "--grace-period", "5", *extra_args],
             env=kiln_env(), stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.connections: list[Connection] = []
@@ -218,6 +218,23 @@ def test_killed_worker_is_restarted_with_the_loaded_models(workers):
         raise AssertionError("worker 1 was not restarted with digits loaded:\n" + workers.output())
     assert "worker 1 (pid %d) exited unexpectedly" % victim_pid in workers.output()
     assert workers.process.poll() is None
+
+
+def test_every_worker_runs_on_uvloop(workers):
+    lines = [line for line in workers.output().splitlines() if "event loop:" in line]
+    assert len(lines) >= 2 and all(line.endswith("event loop: uvloop") for line in lines), lines  # 2 workers (+ restarts)
+
+
+def test_event_loop_choice_reaches_every_worker(bundled_repo, tmp_path):
+    running = Workers(bundled_repo, tmp_path, ("--event-loop", "asyncio"))
+    try:
+        running.wait_ready()
+        lines = [line for line in running.output().splitlines() if "event loop:" in line]
+        assert len(lines) == 2 and all(line.endswith("event loop: asyncio") for line in lines), lines
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(TIMEOUT_S) == 0, running.output()
+    finally:
+        running.close()
 
 
 def test_sigterm_drains_every_worker_and_exits_zero(workers):
