@@ -52,7 +52,6 @@ CEILING_BATCH = 64
 CEILING_CONCURRENCY = 64  # the ceiling is measured in each round next to this step
 
 
-
 def ensure_model(source: Path, name: str) -> Path:
     """The model directory, generating mlp_wide (~100 MB, 12 s) when it is missing."""
     model_dir = source / name

@@ -45,7 +45,6 @@ MODEL = "mlp"
 RESULTS = ROOT / "loadtests" / "results" / "latency_floor.json"
 
 
-
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):

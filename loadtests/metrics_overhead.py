@@ -47,7 +47,6 @@ RESULTS = ROOT / "loadtests" / "results" / "metrics_overhead.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime

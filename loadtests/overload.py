@@ -66,7 +66,6 @@ from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 CALL = "/inference.GRPCInferenceService/ModelInfer"
 
 
-
 def make_request(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
     x = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
     request = pb.ModelInferRequest(model_name=model)

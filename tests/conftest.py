@@ -29,7 +29,6 @@ def require_tool(name: str) -> str:
     return path
 
 
-
 class RunningServer:
     """KilnServer on its own event loop in a background thread: a real grpc.aio server on a real port."""
 

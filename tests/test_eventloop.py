@@ -50,4 +50,3 @@ def test_the_test_servers_run_on_uvloop(start_server, bundled_repo):
     """Every in-process server of the suite runs on the loop `kiln serve` uses."""
     server = start_server(bundled_repo)
     assert isinstance(server.loop, uvloop.Loop)
-

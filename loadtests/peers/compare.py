@@ -50,7 +50,6 @@ HERE = Path(__file__).resolve().parent
 VENVS = HERE / ".venvs"
 
 
-
 def cudart_dir() -> Path | None:
     found = sorted(VENVS.glob("cudart/lib/python*/site-packages/nvidia/cuda_runtime/lib"))
     return found[0] if found else None
