@@ -2,8 +2,8 @@
 
 uvloop (libuv, in C) takes less CPU per call than asyncio's own loop: on 2 cores kiln served
 2-10% more ModelInfer calls per second with it under concurrency, for ~0.03 ms more p50 at one
-call in flight (docs/BENCHMARKS.md, "Event loop"). It is a
-dependency wherever it is built (not Windows); "auto" falls back to asyncio's loop without it.
+call in flight (docs/BENCHMARKS.md, "Event loop"). It is a dependency wherever it is built
+(not Windows); "auto" falls back to asyncio's loop without it.
 """
 
 from __future__ import annotations
@@ -33,15 +33,20 @@ def resolve(choice: str) -> str:
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if resolve(choice) == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    return asyncio.new_event_loop
+    return _factory_of(resolve(choice))
 
 
 def run(main: Coroutine[Any, Any, Any], choice: str = "auto") -> Any:
     """asyncio.run(main) on the chosen loop."""
-    log.info("event loop: %s", resolve(choice))
-    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+    name = resolve(choice)
+    log.info("event loop: %s", name)
+    with asyncio.Runner(loop_factory=_factory_of(name)) as runner:
         return runner.run(main)
+
+
+def _factory_of(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
