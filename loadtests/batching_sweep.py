@@ -122,10 +122,9 @@ def h2load_step(workload: h2load.Workload, stub, concurrency: int, args) -> dict
     """One closed-loop step by h2load, shaped like a `kiln bench` step (items/s, client CPU, server split)."""
     h2load.run_closed_loop(workload, concurrency, args.warmup, args.connections, warmup_s=0)
     before = stats_snapshot(stub, workload.model, "")
-    step = h2load.run_closed_loop(workload, concurrency, args.duration, args.connections, warmup_s=0)
+    step = h2load.as_bench_step(h2load.run_closed_loop(workload, concurrency, args.duration, args.connections, warmup_s=0))
     step["server"] = rp.server_delta(before, stats_snapshot(stub, workload.model, ""))
     step["throughput_items_per_s"] = step["throughput_rps"]  # batch-1 requests
-    step["client"] = {"cpu_cores": step["client_cpu_cores"]}
     return step
 
 

@@ -46,7 +46,7 @@ INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 TICK_S = 0.010  # h2load's --rps timer
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 
-__all__ = ["Workload", "h2load_path", "prepare", "run_closed_loop", "run_fixed_rate"]
+__all__ = ["Workload", "as_bench_step", "h2load_path", "prepare", "run_closed_loop", "run_fixed_rate"]
 
 
 def h2load_path() -> str | None:
@@ -181,6 +181,11 @@ def run_fixed_rate(workload: Workload, rate: float, duration_s: float, processes
     tail = ["-c", "1", "-m", str(max(1, max_inflight // processes)), "--rps", str(per_process)]
     return {"rate": per_process * processes, "processes": processes,
             **_run(workload, tail, duration_s, processes, stagger_s=TICK_S / processes)}
+
+
+def as_bench_step(step: dict) -> dict:
+    """A step with the field names of a `kiln bench` step too, for tools that tabulate both."""
+    return {**step, "error_count": step["errors"], "client": {"cpu_cores": step["client_cpu_cores"]}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,8 +76,8 @@ def measure(url: str, concurrency: int, args, workdir: Path) -> dict:
     """One closed-loop step by the chosen generator, as a `kiln bench` step's fields."""
     if args.generator == "h2load":
         workload = h2load.prepare(url, args.model, workdir)
-        step = h2load.run_closed_loop(workload, concurrency, args.duration, args.connections, warmup_s=args.warmup)
-        return {**step, "error_count": step["errors"], "client": {"cpu_cores": step["client_cpu_cores"]}}
+        return h2load.as_bench_step(
+            h2load.run_closed_loop(workload, concurrency, args.duration, args.connections, warmup_s=args.warmup))
     cfg = BenchConfig(url=url, model=args.model, concurrency=[concurrency], duration_s=args.duration,
                       warmup_s=args.warmup, processes=args.processes, connections=args.connections)
     (step,) = run_bench(cfg, out=io.StringIO(), progress=False)["steps"]

@@ -154,8 +154,7 @@ def run_h2load(url: str, model: str, concurrency: list[int], args, workdir: Path
     workload = h2load.prepare(url, model, workdir)
     steps = {}
     for c in concurrency:
-        steps[str(c)] = h2load.run_closed_loop(workload, c, args.duration, args.connections, args.warmup)
-        step = steps[str(c)]
+        step = steps[str(c)] = h2load.run_closed_loop(workload, c, args.duration, args.connections, args.warmup)
         print(f"h2load c={c}: {step['throughput_rps']:.0f} req/s, p50 {step['latency_ms']['p50']:.2f} ms, "
               f"{step['errors']} errors", flush=True)
     return steps
