@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import json
 import multiprocessing as mp
@@ -215,11 +216,7 @@ def summarize(rows, duration: float) -> dict:
     ok = [lat for _, lat, code in rows if code == "OK"]
     full = [lat for _, lat, code in rows if ":refused:" in code]
     other = sorted({code for _, _, code in rows if code != "OK" and ":refused:" not in code})
-    by_reason: dict[str, int] = {}
-    for _, _, code in rows:
-        if ":refused:" in code:
-            reason = code.split(":refused:", 1)[1]
-            by_reason[reason] = by_reason.get(reason, 0) + 1
+    by_reason = dict(collections.Counter(code.split(":refused:", 1)[1] for _, _, code in rows if ":refused:" in code))
     return {
         "sent": len(rows), "offered_per_s": round(len(rows) / duration, 1), "accepted": len(ok),
         "accepted_per_s": round(len(ok) / duration, 1), "refused": len(full), "refused_by": by_reason,
