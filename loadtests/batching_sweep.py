@@ -43,7 +43,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.inprocess import run_in_process  # noqa: E402
-from loadtests import h2load  # noqa: E402
+from loadtests import h2load, threadcpu  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench, stats_snapshot  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from server.config import read_config_file  # noqa: E402
@@ -172,18 +172,21 @@ def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| model | c | batching items/s | no-batching items/s | ratio | p50 ms on / off | p99 ms on / off | avg batch on | client CPU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | c | batching items/s | no-batching items/s | ratio | p50 ms on / off | p99 ms on / off | avg batch on "
+             "| client CPU | server CPU on: loop / instances / other |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in report["models"]:
         for c in report["concurrency"]:
             on = report["results"][model][str(c)]
             off = report["results"][f"{model}_nobatch"][str(c)]
             ratio = on["throughput_items_per_s"] / off["throughput_items_per_s"] if off["throughput_items_per_s"] else float("nan")
             batch = (on["server"] or {}).get("avg_batch")
+            cpu = on.get("server_cpu_cores") or {}
+            cpu_text = " / ".join(f"{cpu[r]:.2f}" for r in threadcpu.ROLES) if cpu else "n/a"
             lines.append(
                 f"| {model} | {c} | {on['throughput_items_per_s']:.0f} | {off['throughput_items_per_s']:.0f} | {ratio:.2f}x | "
                 f"{on['latency_ms']['p50']:.2f} / {off['latency_ms']['p50']:.2f} | {on['latency_ms']['p99']:.2f} / {off['latency_ms']['p99']:.2f} | "
-                f"{batch:.1f} | {on['client']['cpu_cores']:.2f} |" if batch is not None else f"| {model} | {c} | ... |"
+                f"{batch:.1f} | {on['client']['cpu_cores']:.2f} | {cpu_text} |" if batch is not None else f"| {model} | {c} | ... |"
             )
     lines.append("")
     for model, runs in report["ceilings"].items():
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                             variants.reverse()
                         for variant in variants:
                             print(f"--- [{rep + 1}/{args.repeat}] {variant} c={c}  (load {os.getloadavg()[0]:.1f})", flush=True)
+                            cpu_before, started = threadcpu.sample(server.pid), time.monotonic()
                             if workloads:
                                 step = h2load_step(workloads[variant], stub, c, args)
                             else:
@@ -292,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   warmup_s=args.warmup, processes=args.processes,
                                                   connections=args.connections or 0)
                                 step = run_bench(cfg, progress=False)["steps"][0]
+                            # warm-up included: a rate over the whole step, which is all at this load
+                            step["server_cpu_cores"] = threadcpu.cpu_split(cpu_before, threadcpu.sample(server.pid),
+                                                                           time.monotonic() - started)
                             runs.setdefault((variant, c), []).append(step)
                         if model == "mlp_wide" and c == CEILING_CONCURRENCY:
                             print(f"--- [{rep + 1}/{args.repeat}] in-process ceiling, batch {CEILING_BATCH}", flush=True)

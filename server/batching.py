@@ -45,6 +45,7 @@ import numpy as np
 
 from server.errors import KilnError, Status
 from server.model_types import DynamicBatchingConfig, TimeoutAction
+from server.threadnames import set_native_thread_name
 
 __all__ = [
     "BatchPolicy",
@@ -297,6 +298,7 @@ class InstancePool:
 
     def _worker(self) -> None:
         me = threading.current_thread()
+        set_native_thread_name(me.name)  # top -H and profilers show "kiln-<model>-<n>", not "python"
         try:
             while True:
                 work = self._queue.get()
