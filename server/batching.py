@@ -148,6 +148,12 @@ class BatchPolicy:
     def max_preferred(self) -> int:
         return max(self.preferred_batch_sizes, default=self.max_batch_size)
 
+    def dispatches_alone(self, rows: int) -> bool:
+        """Whether :func:`next_action` dispatches a lone request of ``rows`` rows the moment it
+        arrives (rather than waiting for company)."""
+        return (not self.batching or self.max_queue_delay_s <= 0 or rows in self.preferred_batch_sizes
+                or rows >= self.max_batch_size or rows >= self.max_preferred)
+
     @classmethod
     def from_config(cls, max_batch_size: int,
                     batching: DynamicBatchingConfig | None) -> "BatchPolicy":
@@ -527,6 +533,10 @@ class Scheduler:
         if deadline is not None and deadline <= now:
             raise _deadline_error(self.model_name, "reached its deadline before it was queued")
 
+        if (self._free == self._instances and not self._waiting and not self._order
+                and self._lone_ewma_ns < self._inline_max_ns and self._policy.dispatches_alone(rows)):
+            return self._run_alone_now(Pending(rows, key, level, now, next(self._seq), inputs, None, _perf_ns()))
+
         # -- accept
         fut = loop.create_future()
         req = Pending(rows, key, level, now, next(self._seq), inputs, fut, _perf_ns())
@@ -777,6 +787,42 @@ class Scheduler:
         if self._waiting:
             self._pump()
 
+    def _run_alone_now(self, req: Pending) -> tuple[dict[str, np.ndarray], RequestTimings]:
+        """The inline path taken at the door: an idle model, an empty queue, a fast model and a
+        request its policy dispatches alone run here and now, on the event loop, and the result
+        goes straight back to the caller: no future, no queue entry, no wake-up of its task."""
+        req.state = _RUNNING
+        self._free -= 1
+        try:
+            result = self._compute((req,), _perf_ns())
+        finally:
+            req.state = _DONE
+            req.inputs = None
+            # The instance stays taken until the loop's next turn, as after any inline run:
+            # requests arriving meanwhile queue and batch (that is what tells load from a lone call).
+            self._loop.call_soon(self._free_inline_instance)  # type: ignore[union-attr]
+        if isinstance(result, KilnError):
+            raise result
+        (out,), rows, dispatch_ns, cin, cinf, cout = result
+        self._executed(1, rows, cin, cinf, cout)
+        return out, RequestTimings(dispatch_ns - req.submit_ns, cin, cinf, cout)
+
+    def _free_inline_instance(self) -> None:
+        self._free += 1
+        if self._waiting:
+            self._pump()
+
+    def _executed(self, requests: int, rows: int, cin: int, cinf: int, cout: int) -> None:
+        """A batch ran: learn how long lone executions take, report the execution."""
+        if requests == 1 and self._inline_max_ns:
+            ewma = self._lone_ewma_ns
+            self._lone_ewma_ns = cinf if ewma == float("inf") else 0.8 * ewma + 0.2 * cinf
+        if self._on_execution is not None:
+            try:
+                self._on_execution(ExecutionRecord(rows, requests, cin, cinf, cout))
+            except Exception:  # noqa: BLE001 - metrics must not break serving
+                _log.exception("on_execution callback failed for model '%s'", self.model_name)
+
     def _finish(self, batch: tuple[Pending, ...], result: Any) -> None:
         """Event loop: resolve the batch's futures, free the instance, pump."""
         if self._exec_timeout_s:
@@ -792,16 +838,9 @@ class Scheduler:
                 self._resolve(r, result, True)
         else:
             parts, rows, dispatch_ns, cin, cinf, cout = result
-            if len(batch) == 1 and self._inline_max_ns:
-                ewma = self._lone_ewma_ns
-                self._lone_ewma_ns = cinf if ewma == float("inf") else 0.8 * ewma + 0.2 * cinf
             for r, out in zip(batch, parts):
                 self._resolve(r, (out, RequestTimings(dispatch_ns - r.submit_ns, cin, cinf, cout)), False)
-            if self._on_execution is not None:
-                try:
-                    self._on_execution(ExecutionRecord(rows, len(batch), cin, cinf, cout))
-                except Exception:  # noqa: BLE001 - metrics must not break serving
-                    _log.exception("on_execution callback failed for model '%s'", self.model_name)
+            self._executed(len(batch), rows, cin, cinf, cout)
         if self._preserve:
             self._release()
         if self._waiting:

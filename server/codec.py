@@ -44,6 +44,9 @@ class InferParameters:
     timeout_us: int | None = None
 
 
+_NO_PARAMETERS = InferParameters()
+
+
 def _shape_text(datatype: str, shape: Iterable[int]) -> str:
     return f"{datatype} [{','.join(str(d) for d in shape)}]"
 
@@ -66,49 +69,57 @@ def decode_inputs(request, config: ModelConfig, bytes_as_text: bool = False) -> 
         )
     arrays: dict[str, np.ndarray] = {}
     batch_rows: int | None = None
+    batching = config.batching
     for index, tensor in enumerate(request.inputs):
-        spec = config.input(tensor.name)
+        name = tensor.name
+        spec = config.input(name)
         if spec is None:
             raise invalid_argument(
-                f"model '{config.name}' has no input '{tensor.name}'; expected {[t.name for t in config.inputs]}"
+                f"model '{config.name}' has no input '{name}'; expected {[t.name for t in config.inputs]}"
             )
-        if tensor.name in arrays:
-            raise invalid_argument(f"input '{tensor.name}' appears more than once")
-        for key in _SHARED_MEMORY_KEYS:
-            if key in tensor.parameters:
-                raise invalid_argument(f"input '{tensor.name}': shared memory inputs are not supported")
+        if name in arrays:
+            raise invalid_argument(f"input '{name}' appears more than once")
+        if tensor.parameters:  # most requests carry none: skip the lookups
+            for key in _SHARED_MEMORY_KEYS:
+                if key in tensor.parameters:
+                    raise invalid_argument(f"input '{name}': shared memory inputs are not supported")
         shape = tuple(tensor.shape)
         _check_type_and_shape(config, spec, tensor.datatype, shape)
         if raw:
             if tensor.HasField("contents"):
                 raise invalid_argument(
-                    f"input '{tensor.name}' has typed contents but the request also carries raw_input_contents; "
+                    f"input '{name}' has typed contents but the request also carries raw_input_contents; "
                     "use one or the other"
                 )
             array = _from_raw(spec, shape, raw[index])
         else:
             array = _from_typed(spec, shape, tensor)
-        if config.batching:
+        if batching:
             if batch_rows is None:
                 batch_rows = shape[0]
             elif shape[0] != batch_rows:
                 raise invalid_argument(
-                    f"input '{tensor.name}' has batch size {shape[0]} but other inputs have {batch_rows}"
+                    f"input '{name}' has batch size {shape[0]} but other inputs have {batch_rows}"
                 )
         if bytes_as_text and spec.datatype == "BYTES":
             array = _as_text(spec.name, array)
-        arrays[tensor.name] = array
-    missing = [t.name for t in config.inputs if t.name not in arrays and not t.optional]
-    if missing:
-        raise invalid_argument(f"model '{config.name}': missing input {', '.join(repr(m) for m in missing)}")
+        arrays[name] = array
+    if len(arrays) < len(config.inputs):
+        missing = [t.name for t in config.inputs if t.name not in arrays and not t.optional]
+        if missing:
+            raise invalid_argument(f"model '{config.name}': missing input {', '.join(repr(m) for m in missing)}")
     return arrays
 
 
 def _check_type_and_shape(config: ModelConfig, spec: TensorConfig, datatype: str, shape: tuple[int, ...]) -> None:
     expected = expected_shape(config, spec)
-    if datatype != spec.datatype or len(shape) != len(expected) or any(
-        e != -1 and e != s for e, s in zip(expected, shape)
-    ) or any(s < 0 for s in shape):
+    matches = datatype == spec.datatype and len(shape) == len(expected)
+    if matches:  # a loop, not any(...): this runs for every tensor of every request
+        for e, s in zip(expected, shape):
+            if s < 0 or (e != -1 and e != s):
+                matches = False
+                break
+    if not matches:
         raise invalid_argument(
             f"input '{spec.name}': expected {_shape_text(spec.datatype, expected)}, "
             f"got {_shape_text(datatype, shape)}"
@@ -218,6 +229,8 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 
 def parse_parameters(parameters: Mapping) -> InferParameters:
     """The request-level parameters that change scheduling: priority and timeout (microseconds)."""
+    if not parameters:
+        return _NO_PARAMETERS
     priority = 0
     timeout_us = None
     if "priority" in parameters:
@@ -256,7 +269,7 @@ def encode_outputs(response, outputs: Mapping[str, np.ndarray], config: ModelCon
 def requested_outputs(request, config: ModelConfig) -> list[str]:
     """Names of the outputs to return: those asked for, or all of them."""
     if not request.outputs:
-        return [o.name for o in config.outputs]
+        return list(config.output_names)
     names = []
     for output in request.outputs:
         if config.output(output.name) is None:

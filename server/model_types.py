@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,20 @@ class ModelConfig:
         return self.max_batch_size > 0
 
     def input(self, name: str) -> TensorConfig | None:
-        return next((t for t in self.inputs if t.name == name), None)
+        return self._inputs_by_name.get(name)
 
     def output(self, name: str) -> TensorConfig | None:
-        return next((t for t in self.outputs if t.name == name), None)
+        return self._outputs_by_name.get(name)
+
+    # looked up for every tensor of every request: a dict, built once (the first of a name wins)
+    @cached_property
+    def _inputs_by_name(self) -> dict[str, TensorConfig]:
+        return {t.name: t for t in reversed(self.inputs)}
+
+    @cached_property
+    def _outputs_by_name(self) -> dict[str, TensorConfig]:
+        return {t.name: t for t in reversed(self.outputs)}
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)

@@ -95,6 +95,9 @@ class ModelEntry:
     fingerprint: tuple = ()
 
     def latest_ready(self) -> ModelVersion | None:
+        if len(self.versions) == 1:  # the usual case, on every request: no list to build
+            (only,) = self.versions.values()
+            return only if only.state is ModelState.READY else None
         ready = [v for v in self.versions.values() if v.state is ModelState.READY]
         return max(ready, key=lambda v: v.version) if ready else None
 
@@ -431,6 +434,13 @@ def warm_up(runtime: Runtime, config: ModelConfig, proto: mc.ModelConfig) -> Non
             raise ConfigError(f"model_warmup '{sample.name}' failed: {exc}") from exc
 
 
+def _dims_match(dims: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    for d, s in zip(dims, shape):  # a loop, not any(...): once per output of every batch
+        if d != -1 and d != s:
+            return False
+    return True
+
+
 def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch's outputs, once each batch: a runtime that returns a missing output, or one of another
     shape than the config declares, fails the batch INTERNAL naming the model (never a response that
@@ -442,9 +452,7 @@ def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray]) -> dict[s
             raise KilnError(Status.INTERNAL, f"model '{config.name}' returned no output '{spec.name}'")
         shape = getattr(array, "shape", None)
         dims = spec.dims
-        if shape is None or len(shape) != len(dims) + skip or any(
-            d != -1 and d != s for d, s in zip(dims, shape[skip:])
-        ):
+        if shape is None or len(shape) != len(dims) + skip or not _dims_match(dims, shape[skip:]):
             expected = ",".join(str(d) for d in ((-1,) * skip + dims))
             got = list(shape) if shape is not None else type(array).__name__
             raise KilnError(

@@ -111,6 +111,17 @@ def test_next_action_drains_everything_without_starvation(q):
     assert sorted(p.seq for p in served) == sorted(p.seq for p in pending)
 
 
+@given(queues(), st.integers(1, 16), st.booleans())
+def test_dispatches_alone_is_what_next_action_does_with_a_lone_request(q, rows, batching):
+    policy, _, now = q
+    if not batching:
+        policy = BatchPolicy(batching=False, max_batch_size=policy.max_batch_size)
+    rows = min(rows, max(policy.max_batch_size, 1))
+    lone = Pending(rows, "a", 1, now, 0)  # it arrives now: it has waited nothing yet
+    action = next_action([lone], now, policy, 1)
+    assert policy.dispatches_alone(rows) == isinstance(action, Dispatch)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=10))
 def test_next_action_without_batching_is_fifo_one_by_one(rows):
@@ -201,8 +212,9 @@ class Recorder:
     instances=st.integers(1, 2),
     preserve=st.booleans(),
     exec_s=st.sampled_from([0.0, 0.001, 0.003]),
+    inline=st.booleans(),
 )
-def test_scheduler_invariants(reqs, mbs, delay_us, preferred, instances, preserve, exec_s):
+def test_scheduler_invariants(reqs, mbs, delay_us, preferred, instances, preserve, exec_s, inline):
     for i, r in enumerate(reqs):
         r.marker = i + 1
     cfg = DynamicBatchingConfig(
@@ -231,8 +243,9 @@ def test_scheduler_invariants(reqs, mbs, delay_us, preferred, instances, preserv
 
     async def main(recorder: Recorder):
         loop = asyncio.get_running_loop()
+        # inline: lone executions (all are under 50 ms here) may run on the event loop, at the door
         s = Scheduler("prop", max_batch_size=mbs, batching=cfg, instance_count=instances,
-                      execute=execute)
+                      execute=execute, inline_max_us=50_000 if inline else 0)
         completed: list[int] = []
         cancelled_while_queued: set[int] = set()
 
