@@ -39,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -67,8 +67,9 @@ _perf_ns = time.perf_counter_ns
 # --------------------------------------------------------------------------- #
 
 
-@dataclass(frozen=True, slots=True)
-class RequestTimings:
+# NamedTuples, not frozen dataclasses: one of each is made per request or batch, and a frozen
+# dataclass's __init__ sets every field through object.__setattr__.
+class RequestTimings(NamedTuple):
     """Per request, nanoseconds (perf_counter_ns)."""
 
     queue_ns: int  # submit -> batch picked for execution
@@ -77,8 +78,7 @@ class RequestTimings:
     compute_output_ns: int  # splitting outputs back to requests
 
 
-@dataclass(frozen=True, slots=True)
-class ExecutionRecord:
+class ExecutionRecord(NamedTuple):
     """Per successfully executed batch, passed to ``on_execution``."""
 
     rows: int
