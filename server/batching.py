@@ -4,7 +4,9 @@ Shape of the thing (after Ray Serve's ``_BatchQueue`` and Triton core's
 ``GetDynamicBatch``):
 
 * ``submit()`` validates the request at the door (rows, priority, queue size),
-  puts it in its priority level's queue and awaits a future.
+  puts it in its priority level's queue and awaits a future.  Except on an idle,
+  fast model (the inline path below): a request its policy dispatches alone runs
+  right there and its result is returned, with no queue entry or future.
 * The batching decision is a pure function, :func:`next_action`: from the
   queued requests (in priority order), a monotonic ``now`` and the policy it
   answers ``Dispatch(requests)`` or ``Wait(seconds)``.  Property tests drive
