@@ -795,9 +795,11 @@ class Scheduler:
         goes straight back to the caller: no future, no queue entry, no wake-up of its task."""
         req.state = _RUNNING
         self._free -= 1
+        self._inflight += 1  # as the gauge reads it from the metrics thread while the runtime runs
         try:
             result = self._compute((req,), _perf_ns())
         finally:
+            self._inflight -= 1
             req.state = _DONE
             req.inputs = None
             # The instance stays taken until the loop's next turn, as after any inline run:
