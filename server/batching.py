@@ -523,11 +523,6 @@ class Scheduler:
                     Status.UNAVAILABLE,
                     f"model '{self.model_name}': queue is full (max_queue_size {limit} "
                     f"at priority level {level})")
-        if self._batching:
-            key = tuple(sorted([(n, a.dtype, a.shape[1:]) for n, a in inputs.items()]))
-        else:
-            key = None
-
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -535,11 +530,14 @@ class Scheduler:
         if deadline is not None and deadline <= now:
             raise _deadline_error(self.model_name, "reached its deadline before it was queued")
 
-        if (self._free == self._instances and not self._waiting and not self._order
-                and self._lone_ewma_ns < self._inline_max_ns and self._policy.dispatches_alone(rows)):
-            return self._run_alone_now(Pending(rows, key, level, now, next(self._seq), inputs, None, _perf_ns()))
+        if self._inline_fits(self._free) and not self._order and self._policy.dispatches_alone(rows):
+            return self._run_alone_now(Pending(rows, None, level, now, next(self._seq), inputs, None, _perf_ns()))
 
         # -- accept
+        if self._batching:
+            key = tuple(sorted([(n, a.dtype, a.shape[1:]) for n, a in inputs.items()]))
+        else:
+            key = None
         fut = loop.create_future()
         req = Pending(rows, key, level, now, next(self._seq), inputs, fut, _perf_ns())
         q = self._queues[2 * level - 2]
@@ -673,8 +671,7 @@ class Scheduler:
                 r.state = _RUNNING
             self._free -= 1
             self._running.add(batch)
-            if (len(batch) == 1 and not self._waiting and self._free + 1 == self._instances
-                    and self._lone_ewma_ns < self._inline_max_ns):
+            if len(batch) == 1 and self._inline_fits(self._free + 1):
                 result = self._compute(batch, _perf_ns())
                 self._loop.call_soon(self._finish, batch, result)  # type: ignore[union-attr]
             else:
@@ -788,6 +785,11 @@ class Scheduler:
             self._release()
         if self._waiting:
             self._pump()
+
+    def _inline_fits(self, free: int) -> bool:
+        """A lone batch may run on the event loop: with ``free`` instances free before it, the
+        model is idle, nothing else waits, and its lone executions are measured fast enough."""
+        return free == self._instances and not self._waiting and self._lone_ewma_ns < self._inline_max_ns
 
     def _run_alone_now(self, req: Pending) -> tuple[dict[str, np.ndarray], RequestTimings]:
         """The inline path taken at the door: an idle model, an empty queue, a fast model and a
