@@ -348,7 +348,7 @@ class ModelRepository:
     @staticmethod
     def _make_version(name, number, config: ModelConfig, proto, runtime: Runtime) -> ModelVersion:
         stats = ModelStats(name, str(number))
-        output_names = tuple(o.name for o in config.outputs)
+        output_names = config.output_names
         scheduler = Scheduler(
             name,
             max_batch_size=config.max_batch_size,
@@ -411,7 +411,7 @@ def to_model_config_for_loading(proto: mc.ModelConfig, platform: str) -> ModelCo
 def warm_up(runtime: Runtime, config: ModelConfig, proto: mc.ModelConfig) -> None:
     """Run the config's model_warmup samples (zero or random data) before the version goes ready."""
     rng = np.random.default_rng(0)
-    output_names = [o.name for o in config.outputs]
+    output_names = config.output_names
     for sample in proto.model_warmup:
         batch = max(sample.batch_size, 1)
         inputs = {}
