@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,18 +25,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from loadtests import h2load  # noqa: E402
-from loadtests.peers.compare import wait_ready  # noqa: E402
+from loadtests.batching_sweep import start_server  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
-
-
-def start(tree: Path, repository: Path, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--grpc-port", str(port),
-         "--metrics-port", "-1", "--grace-period", "2", "--workers", str(workers)],
-        cwd=tree, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-    )
-    return proc, f"127.0.0.1:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         procs, workloads = [], {}
         try:
             for key, tree in names.items():
-                proc, url = start(tree, args.repository.resolve(), args.workers, Path(tmp) / f"{key}.log")
-                procs.append(proc)
-                wait_ready(url, args.model, proc)
-                workloads[key] = h2load.prepare(url, args.model, Path(tmp))
+                port = free_port()
+                procs.append(start_server(args.repository.resolve(), port, Path(tmp) / f"{key}.log", args.workers, cwd=tree))
+                workloads[key] = h2load.prepare(f"127.0.0.1:{port}", args.model, Path(tmp))
             for r in range(args.rounds):
                 for key in ("A", "B") if r % 2 == 0 else ("B", "A"):
                     step = h2load.run_closed_loop(workloads[key], args.concurrency, args.duration, args.connections,

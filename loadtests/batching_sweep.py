@@ -91,7 +91,8 @@ def make_repository(source: Path, models: list[str], target: Path) -> dict[str, 
     return info
 
 
-def start_server(repo: Path, port: int, log_path: Path, workers: int = 1) -> subprocess.Popen:
+def start_server(repo: Path, port: int, log_path: Path, workers: int = 1, cwd: Path = REPO_ROOT) -> subprocess.Popen:
+    """`kiln serve` of the checkout at `cwd` on `repo`, returned once ServerReady says so."""
     import grpc
 
     from server.protocol import grpc_service_pb2 as pb
@@ -101,7 +102,7 @@ def start_server(repo: Path, port: int, log_path: Path, workers: int = 1) -> sub
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
          "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
     )
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     deadline = time.monotonic() + 120
