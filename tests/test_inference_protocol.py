@@ -205,6 +205,53 @@ def raw_add_sub_request(a: bytes, b: bytes, shape=(1, 4)) -> pb.ModelInferReques
     return request
 
 
+# ---- registration -------------------------------------------------------------------------------
+
+
+def test_only_model_infer_is_registered_with_grpc_core():
+    """grpc.aio keeps one pending-call future per registered method and waits on all of them once
+    per accepted call, so kiln registers only the per-request RPC; the rest go by name."""
+    from server.service import REGISTERED_METHODS, InferenceService, add_inference_service
+
+    class RecordingServer:
+        def __init__(self):
+            self.generic, self.registered = [], {}
+
+        def add_generic_rpc_handlers(self, handlers):
+            self.generic.extend(handlers)
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.registered[service] = handlers
+
+    recorder = RecordingServer()
+    add_inference_service(InferenceService.__new__(InferenceService), recorder)
+    assert set(recorder.registered["inference.GRPCInferenceService"]) == set(REGISTERED_METHODS) == {"ModelInfer"}
+    assert len(recorder.generic) == 1
+
+
+def test_every_rpc_answers_by_name(server):
+    """Each RPC of the service reaches its handler (none is UNIMPLEMENTED), registered or not."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert len(service.methods) == 20
+    with grpc.insecure_channel(server.url) as channel:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            request = getattr(pb, method.input_type.name)()
+            response_class = getattr(pb, method.output_type.name)
+            try:
+                if method.client_streaming:
+                    call = channel.stream_stream(path, request_serializer=type(request).SerializeToString,
+                                                 response_deserializer=response_class.FromString)
+                    list(call(iter([request]), timeout=10))
+                else:
+                    call = channel.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                               response_deserializer=response_class.FromString)
+                    call(request, timeout=10)
+            except grpc.RpcError as exc:  # empty requests are often refused, but by kiln, not by grpc
+                assert exc.code() != grpc.StatusCode.UNIMPLEMENTED or "Method not found" not in (exc.details() or ""), \
+                    (method.name, exc.code(), exc.details())
+
+
 # ---- health and metadata -----------------------------------------------------------------------
 
 
