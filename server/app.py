@@ -21,7 +21,7 @@ from server.metrics import build_registry, latency_buckets
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol._pool import POOL
 from server.repository import ControlMode, ModelRepository
-from server.service import InferenceService, add_inference_service
+from server.service import GenericOnly, InferenceService, add_inference_service
 
 log = logging.getLogger("kiln.app")
 
@@ -144,13 +144,13 @@ class KilnServer:
         server = grpc.aio.server(options=options, interceptors=auth_interceptors(settings))
         add_inference_service(self.service_factory(self.dataplane), server)
         self.health = HealthService(self.dataplane)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, GenericOnly(server))
         service_names = (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(service_names, server, pool=_reflection_pool())
+        reflection.enable_server_reflection(service_names, GenericOnly(server), pool=_reflection_pool())
         address = f"{settings.host}:{settings.grpc_port}"
         credentials = server_credentials(settings)
         if credentials is None:

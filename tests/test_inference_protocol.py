@@ -211,7 +211,9 @@ def raw_add_sub_request(a: bytes, b: bytes, shape=(1, 4)) -> pb.ModelInferReques
 def test_only_model_infer_is_registered_with_grpc_core():
     """grpc.aio keeps one pending-call future per registered method and waits on all of them once
     per accepted call, so kiln registers only the per-request RPC; the rest go by name."""
-    from server.service import REGISTERED_METHODS, InferenceService, add_inference_service
+    from grpc_health.v1 import health_pb2_grpc
+
+    from server.service import REGISTERED_METHODS, GenericOnly, InferenceService, add_inference_service
 
     class RecordingServer:
         def __init__(self):
@@ -227,6 +229,9 @@ def test_only_model_infer_is_registered_with_grpc_core():
     add_inference_service(InferenceService.__new__(InferenceService), recorder)
     assert set(recorder.registered["inference.GRPCInferenceService"]) == set(REGISTERED_METHODS) == {"ModelInfer"}
     assert len(recorder.generic) == 1
+    # health (and reflection) go through GenericOnly: their handlers, no registration
+    health_pb2_grpc.add_HealthServicer_to_server(health_pb2_grpc.HealthServicer(), GenericOnly(recorder))
+    assert len(recorder.generic) == 2 and list(recorder.registered) == ["inference.GRPCInferenceService"]
 
 
 def test_every_rpc_answers_by_name(server):
