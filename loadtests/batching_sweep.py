@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -91,19 +92,19 @@ def make_repository(source: Path, models: list[str], target: Path) -> dict[str, 
     return info
 
 
-def start_server(repo: Path, port: int, log_path: Path, workers: int = 1, cwd: Path = REPO_ROOT) -> subprocess.Popen:
-    """`kiln serve` of the checkout at `cwd` on `repo`, returned once ServerReady says so."""
+def start_server(repo: Path, port: int, log_path: Path, workers: int = 1, cwd: Path = REPO_ROOT,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen:
+    """`kiln serve` of the checkout at `cwd` on `repo`, returned once ServerReady says so.
+    `wrap` turns the command into the one to run (e.g. under a profiler)."""
     import grpc
 
     from server.protocol import grpc_service_pb2 as pb
     from server.protocol import grpc_service_pb2_grpc as pb_grpc
 
+    command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
+               "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers)]
     log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-         "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-    )
+    proc = subprocess.Popen(wrap(command) if wrap else command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
