@@ -4,8 +4,8 @@ in-process at the same batch size, and where the rest of the server's CPU goes.
     python -m loadtests.served_share --model-repository /tmp/wide --model mlp_wide --concurrency 64 --connections 16 --workers 2
     python -m loadtests.served_share --model-repository /tmp/gpu --model resnet50_trt --concurrency 64   # a GPU machine
 
-Each round: h2load keeps --concurrency calls in flight for --duration s (batch-1 requests unless
---request-batch), ModelStatistics says how many rows the server put in each execution, and
+Each round: h2load (or `kiln bench`, --generator bench) keeps --concurrency calls in flight for
+--duration s (batch-1 requests unless --request-batch), ModelStatistics says how many rows the server put in each execution, and
 then the runtime alone runs at that batch size in this process (the loop of `kiln bench
 --in-process`, the server idle meanwhile), so both see the same machine. The share is served
 items/s over in-process items/s; the median round is the figure. Last, the same load runs once
@@ -34,7 +34,7 @@ from loadtests import h2load, pyspy_profile, threadcpu  # noqa: E402
 from loadtests.batching_sweep import start_server  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.inprocess import locate_model, run_in_process  # noqa: E402
-from loadtests.bench.runner import stats_snapshot  # noqa: E402
+from loadtests.bench.runner import BenchConfig, run_bench, stats_snapshot  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 
 
@@ -46,21 +46,46 @@ def _stub(url: str):
     return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
 
 
-def served_step(workload: h2load.Workload, stub, pid: int, args) -> dict:
+class ClosedLoop:
+    """--concurrency calls in flight on the served model, from h2load or from `kiln bench`'s workers
+    (where h2load is missing, e.g. a GPU machine's image); each run is a `kiln bench`-shaped step."""
+
+    def __init__(self, args, url: str, workdir: Path) -> None:
+        self.args, self.url = args, url
+        self.workload = (h2load.prepare(url, args.model, workdir, batch_size=args.request_batch)
+                         if args.generator == "h2load" else None)
+
+    def warm_up(self) -> None:
+        if self.workload is not None:  # kiln bench warms up inside run()
+            h2load.run_closed_loop(self.workload, self.args.concurrency, self.args.warmup, self.args.connections, warmup_s=0)
+
+    def run(self, duration_s: float) -> dict:
+        a = self.args
+        if self.workload is not None:
+            return h2load.as_bench_step(
+                h2load.run_closed_loop(self.workload, a.concurrency, duration_s, a.connections, warmup_s=0))
+        config = BenchConfig(url=self.url, model=a.model, batch_size=a.request_batch, concurrency=[a.concurrency],
+                             duration_s=duration_s, warmup_s=a.warmup, processes=a.processes,
+                             connections=a.connections, server_stats=False)
+        with open(os.devnull, "w") as sink:
+            return run_bench(config, out=sink, progress=False)["steps"][0]
+
+
+def served_step(load: ClosedLoop, stub, pid: int, args) -> dict:
     """One closed-loop step: items/s, the rows per execution the server formed, its CPU by role."""
-    h2load.run_closed_loop(workload, args.concurrency, args.warmup, args.connections, warmup_s=0)
-    before, cpu_before, started = stats_snapshot(stub, workload.model, ""), threadcpu.sample(pid), time.monotonic()
-    step = h2load.run_closed_loop(workload, args.concurrency, args.duration, args.connections, warmup_s=0)
+    load.warm_up()
+    before, cpu_before, started = stats_snapshot(stub, args.model, ""), threadcpu.sample(pid), time.monotonic()
+    step = load.run(args.duration)
     cpu = threadcpu.cpu_split(cpu_before, threadcpu.sample(pid), time.monotonic() - started)
-    server = rp.server_delta(before, stats_snapshot(stub, workload.model, ""))
-    if step["errors"] or not server or not server["execution_count"]:
-        raise SystemExit(f"served_share: {step['errors']} errors, {server and server['execution_count']} executions: "
-                         "the served step did not run cleanly")
+    server = rp.server_delta(before, stats_snapshot(stub, args.model, ""))
+    if step["error_count"] or not server or not server["execution_count"]:
+        raise SystemExit(f"served_share: {step['error_count']} errors, {server and server['execution_count']} "
+                         "executions: the served step did not run cleanly")
     return {
         "items_per_s": step["throughput_rps"] * args.request_batch,
         "avg_batch": server["avg_batch"],
         "latency_ms": step["latency_ms"],
-        "client_cpu_cores": step["client_cpu_cores"],
+        "client_cpu_cores": step["client"]["cpu_cores"],
         "server_cpu_cores": cpu,
         "server_split_us": {k: server[k] for k in ("queue_us", "compute_input_us", "compute_infer_us", "compute_output_us")},
     }
@@ -89,10 +114,10 @@ def profile(args, workdir: Path) -> dict:
                         wrap=lambda cmd: pyspy_profile.command_under_pyspy(cmd, raw, args.profile_rate))
     try:
         server_pid = _server_child(proc.pid)
-        workload = h2load.prepare(f"127.0.0.1:{port}", args.model, workdir, batch_size=args.request_batch)
-        h2load.run_closed_loop(workload, args.concurrency, args.warmup, args.connections, warmup_s=0)
+        load = ClosedLoop(args, f"127.0.0.1:{port}", workdir)
+        load.warm_up()
         cpu_before, started = threadcpu.sample(server_pid), time.monotonic()
-        step = h2load.run_closed_loop(workload, args.concurrency, args.profile_duration, args.connections, warmup_s=0)
+        step = load.run(args.profile_duration)
         cpu = threadcpu.cpu_split(cpu_before, threadcpu.sample(server_pid), time.monotonic() - started)
     finally:
         try:
@@ -120,10 +145,9 @@ def measure(args) -> dict:
         proc = start_server(args.model_repository, port, workdir / "server.log", args.workers)
         try:
             url = f"127.0.0.1:{port}"
-            workload = h2load.prepare(url, args.model, workdir, batch_size=args.request_batch)
-            stub = _stub(url)
+            load, stub = ClosedLoop(args, url, workdir), _stub(url)
             for r in range(args.rounds):
-                served = served_step(workload, stub, proc.pid, args)
+                served = served_step(load, stub, proc.pid, args)
                 batch = min(max(1, round(served["avg_batch"])), max_batch)
                 ceiling = in_process(model_dir, batch, args.inprocess_duration)
                 rounds.append({**served, "inprocess_batch": batch, "inprocess_items_per_s": ceiling,
@@ -142,7 +166,7 @@ def measure(args) -> dict:
         "machine": rp.machine_info(),
         "config": {"model": args.model, "platform": platform, "max_batch_size": proto.max_batch_size,
                    "concurrency": args.concurrency, "connections": args.connections, "workers": args.workers,
-                   "request_batch": args.request_batch, "duration_s": args.duration, "generator": "h2load"},
+                   "request_batch": args.request_batch, "duration_s": args.duration, "generator": args.generator},
         "rounds": rounds,
         "median_share": statistics.median(r["share"] for r in rounds),
         "profile": prof,
@@ -152,7 +176,7 @@ def measure(args) -> dict:
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [f"{cfg['model']} ({cfg['platform']}), concurrency {cfg['concurrency']} over {cfg['connections']} "
-             f"connection(s), {cfg['workers']} worker(s), batch-{cfg['request_batch']} requests, h2load:", "",
+             f"connection(s), {cfg['workers']} worker(s), batch-{cfg['request_batch']} requests, {cfg['generator']}:", "",
              "| round | served items/s | rows per execution | in-process items/s (batch) | share | server CPU: loop / instances / other |",
              "|---|---:|---:|---:|---:|---|"]
     for i, r in enumerate(report["rounds"], 1):
@@ -174,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-repository", type=Path, required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--connections", type=int, default=16, help="HTTP/2 connections h2load spreads the calls over")
+    ap.add_argument("--connections", type=int, default=16, help="HTTP/2 connections the calls are spread over")
+    ap.add_argument("--generator", choices=("h2load", "bench"), default="h2load",
+                    help="h2load (C, least client CPU) or kiln bench (Python; no system tool needed)")
+    ap.add_argument("--processes", type=int, default=1, help="kiln bench's client processes")
     ap.add_argument("--workers", type=int, default=1, help="kiln serve --workers")
     ap.add_argument("--request-batch", type=int, default=1, help="rows per request (default: 1)")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per served step")
@@ -187,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = ap.parse_args(argv)
     args.model_repository = args.model_repository.resolve()
-    if h2load.h2load_path() is None:
+    if args.generator == "h2load" and h2load.h2load_path() is None:
         raise SystemExit("served_share: h2load not found (apt-get install nghttp2-client)")
     if args.concurrency % min(args.connections, args.concurrency):
         raise SystemExit("served_share: --concurrency must be a multiple of --connections")
