@@ -18,6 +18,7 @@ import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 # (category, file fragments, function prefix or None): the first rule matching a frame, going
@@ -42,7 +43,10 @@ LOOP_DRIVERS = ("asyncio/runners.py", "asyncio/base_events.py", "server/eventloo
 NOT_SERVING = ("KilnServer.start ", "KilnServer.stop ", "_find_and_load ", "ModelRepository.load")
 # Innermost frames of a thread that waits for work (py-spy cannot tell that wait from running).
 WAITING = ("InstancePool._worker ",)
+# Command-line fragments of kiln's serving processes (the server and its --workers).
+SERVER_PROCESSES = ("server serve", "server.workers")
 EVENT_LOOP_C = "gRPC core and event loop (C)"
+OTHER_PROCESSES = "other processes"
 POLLER = "gRPC poller thread"
 OTHER_THREADS = "other threads"
 
@@ -52,6 +56,7 @@ class Sample:
     thread: str
     frames: tuple[str, ...]  # outermost first, as py-spy writes them: "function (file:line)"
     count: int
+    in_server: bool = True  # False: a process the server started that is not kiln (e.g. a compiler's)
 
 
 def command_under_pyspy(argv: list[str], output: Path, rate: int = 250) -> list[str]:
@@ -63,18 +68,39 @@ def command_under_pyspy(argv: list[str], output: Path, rate: int = 250) -> list[
             "--rate", str(rate), "--output", str(output), "--", *argv]
 
 
+def _records(text: str) -> Iterator[str]:
+    """One string per sample line. With --subprocesses every line starts with `process PID:"command"`,
+    and a command line may hold newlines: the lines that do not start so continue the last one."""
+    if not text.startswith("process "):
+        yield from (line for line in text.splitlines() if line.strip())
+        return
+    current = None
+    for line in text.splitlines():
+        if line.startswith("process "):
+            if current is not None:
+                yield current
+            current = line
+        elif current is not None:
+            current += "\n" + line
+    if current is not None:
+        yield current
+
+
 def parse_raw(text: str) -> list[Sample]:
     """py-spy's raw lines: `process ...;thread (tid): name;frame;...;frame COUNT`."""
     samples = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        stack, _, count = line.rpartition(" ")
-        parts = stack.split(";")
-        threads = [p for p in parts if p.startswith("thread (")]
-        thread = threads[-1].split(":", 1)[1].strip() if threads and ":" in threads[-1] else "?"
-        frames = tuple(p for p in parts if not p.startswith(("process ", "thread (")))
-        samples.append(Sample(thread, frames, int(count)))
+    for record in _records(text):
+        stack, _, count = record.rpartition(" ")
+        # the process chain comes first; its command lines may hold ';', so cut at the thread
+        cut = 0 if stack.startswith("thread (") else stack.rfind(";thread (") + 1
+        processes, rest = stack[:cut], stack[cut:]
+        thread = "?"
+        if rest.startswith("thread ("):
+            label, _, rest = rest.partition(";")
+            thread = label.split(":", 1)[1].strip() if ":" in label else "?"
+        innermost_process = processes[processes.rfind("process "):]
+        in_server = not processes or any(marker in innermost_process for marker in SERVER_PROCESSES)
+        samples.append(Sample(thread, tuple(rest.split(";")) if rest else (), int(count), in_server))
     return samples
 
 
@@ -89,6 +115,8 @@ def category(sample: Sample) -> str | None:
         return None
     if frames and frames[-1].startswith(WAITING):
         return None
+    if not sample.in_server:
+        return OTHER_PROCESSES
     if "_poll_wrapper" in sample.thread:
         return POLLER
     in_framework = False
@@ -115,10 +143,13 @@ def summarize(samples: list[Sample], rate: int | None = None) -> dict:
             left_out += sample.count
         else:
             counts[name] += sample.count
+    # processes the server started (a compiler's checks at model load, say) are not serving: apart
+    others = counts.pop(OTHER_PROCESSES, 0)
     total = sum(counts.values())
     rows = [{"category": name, "samples": n, "share": n / total if total else 0.0,
              **({"thread_s": n / rate} if rate else {})} for name, n in counts.most_common()]
-    return {"serving_samples": total, "left_out_samples": left_out, "categories": rows}
+    return {"serving_samples": total, "left_out_samples": left_out, "other_process_samples": others,
+            "categories": rows}
 
 
 def markdown(summary: dict) -> str:

@@ -32,6 +32,21 @@ def test_parse_raw_reads_threads_frames_and_counts():
     assert second == Sample("MainThread", ("Runner.run (asyncio/runners.py:118)",), 3)
 
 
+def test_parse_raw_keeps_command_lines_with_newlines_and_semicolons_out_of_the_stack():
+    """A server's child (a compiler's check, say) may run `python -c` with newlines and ';' in its
+    command line: py-spy writes them as they are."""
+    text = ('process 10:"python -m server serve";process 31:"python -c \nimport sys; import os\n'
+            'cdll.LoadLibrary(\"/tmp/x.so\")\n";thread (31): MainThread;<module> (<string>:5);'
+            "LibraryLoader.LoadLibrary (ctypes/__init__.py:460) 4\n"
+            'process 10:"python -m server serve";thread (10): MainThread;Runner.run (asyncio/runners.py:118) 2\n')
+    child, server = parse_raw(text)
+    assert child == Sample("MainThread", ("<module> (<string>:5)", "LibraryLoader.LoadLibrary (ctypes/__init__.py:460)"),
+                           4, in_server=False)
+    assert server.in_server and server.count == 2
+    summary = summarize([child, server])
+    assert summary["other_process_samples"] == 4 and summary["serving_samples"] == 2
+
+
 @pytest.mark.parametrize("frames, expected", [
     ((), "gRPC core and event loop (C)"),  # only the loop's drivers: C under uvloop
     (("InferenceService._infer (server/service.py:138)", "OnnxRuntime.infer (server/runtime/onnxruntime.py:162)",
