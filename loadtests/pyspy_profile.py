@@ -18,8 +18,8 @@ import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 # (category, file fragments, function prefix or None): the first rule matching a frame, going
 # from the innermost frame outwards, names the sample's category.
