@@ -1,17 +1,18 @@
 """The served share: a model's throughput through kiln as a share of its runtime's own throughput
-in-process at the same batch size, and where the rest of the server's CPU goes.
+in-process at the same batch size, and where the rest of the server's time goes.
 
     python -m loadtests.served_share --model-repository /tmp/wide --model mlp_wide --concurrency 64 --connections 16 --workers 2
-    python -m loadtests.served_share --model-repository /tmp/gpu --model resnet50_trt --concurrency 64   # a GPU machine
+    python -m loadtests.served_share --model-repository /tmp/gpu --model resnet50_aoti --generator bench --processes 6   # GPU
 
 Each round: h2load (or `kiln bench`, --generator bench) keeps --concurrency calls in flight for
---duration s (batch-1 requests unless --request-batch), ModelStatistics says how many rows the server put in each execution, and
-then the runtime alone runs at that batch size in this process (the loop of `kiln bench
---in-process`, the server idle meanwhile), so both see the same machine. The share is served
-items/s over in-process items/s; the median round is the figure. Last, the same load runs once
-more against a server started under py-spy (loadtests/pyspy_profile.py), which splits its CPU
-into the runtime, (de)serialization, batch copies, statistics, kiln's Python, asyncio/grpc.aio
-and the C under the event loop. JSON (--json) keeps every round; --markdown prints the tables.
+--duration s (batch-1 requests unless --request-batch), ModelStatistics says how many rows the
+server put in each execution, and then the runtime alone runs at that batch size in this process
+(the loop of `kiln bench --in-process`, the server idle meanwhile), so both see the same machine.
+The share is served items/s over in-process items/s; the median round is the figure. Last, the
+same load runs once more against a server started under py-spy (loadtests/pyspy_profile.py),
+which splits its busy time into the runtime, (de)serialization, batch copies, statistics, kiln's
+Python, asyncio/grpc.aio and the C under the event loop. JSON (--json) keeps every round;
+--markdown prints the tables. loadtests/gpu_share.sh runs it for the GPU target.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _server_child(pyspy_pid: int) -> int:
 
 
 def profile(args, workdir: Path) -> dict:
-    """The same load against a server run under py-spy: where its CPU goes."""
+    """The same load against a server run under py-spy: where its threads are busy."""
     raw = workdir / "profile.raw"
     port = free_port()
     proc = start_server(args.model_repository, port, workdir / "profiled-server.log", args.workers,
