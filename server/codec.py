@@ -15,7 +15,7 @@ import numpy as np
 
 from server.datatypes import NUMPY_DTYPES
 from server.errors import invalid_argument
-from server.model_types import ModelConfig, TensorConfig
+from server.model_types import ModelConfig, TensorConfig, dims_match
 
 # v2 datatype -> the InferTensorContents field that carries it when typed
 TYPED_FIELDS = {
@@ -113,13 +113,7 @@ def decode_inputs(request, config: ModelConfig, bytes_as_text: bool = False) -> 
 
 def _check_type_and_shape(config: ModelConfig, spec: TensorConfig, datatype: str, shape: tuple[int, ...]) -> None:
     expected = expected_shape(config, spec)
-    matches = datatype == spec.datatype and len(shape) == len(expected)
-    if matches:  # a loop, not any(...): this runs for every tensor of every request
-        for e, s in zip(expected, shape):
-            if s < 0 or (e != -1 and e != s):
-                matches = False
-                break
-    if not matches:
+    if not (datatype == spec.datatype and len(shape) == len(expected) and dims_match(expected, shape)):
         raise invalid_argument(
             f"input '{spec.name}': expected {_shape_text(spec.datatype, expected)}, "
             f"got {_shape_text(datatype, shape)}"

@@ -11,6 +11,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 
+def dims_match(dims: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether `shape` fits `dims` dimension by dimension (-1: any size; sizes below 0 never fit).
+    Lengths are the caller's to compare. A loop, not any(...): it runs for every tensor of every
+    request and every output of every batch."""
+    for d, s in zip(dims, shape):
+        if s < 0 or (d != -1 and d != s):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class TensorConfig:
     """One input or output. `dims` excludes the batch dimension when the model batches."""

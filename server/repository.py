@@ -30,7 +30,7 @@ from server.config import (
 )
 from server.datatypes import NUMPY_DTYPES
 from server.errors import KilnError, Status, not_found, unavailable
-from server.model_types import ModelConfig
+from server.model_types import ModelConfig, dims_match
 from server.protocol import model_config_pb2 as mc
 from server.runtime import Runtime, RuntimeLoadError, create_runtime
 from server.stats import ModelStats
@@ -434,13 +434,6 @@ def warm_up(runtime: Runtime, config: ModelConfig, proto: mc.ModelConfig) -> Non
             raise ConfigError(f"model_warmup '{sample.name}' failed: {exc}") from exc
 
 
-def _dims_match(dims: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    for d, s in zip(dims, shape):  # a loop, not any(...): once per output of every batch
-        if d != -1 and d != s:
-            return False
-    return True
-
-
 def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch's outputs, once each batch: a runtime that returns a missing output, or one of another
     shape than the config declares, fails the batch INTERNAL naming the model (never a response that
@@ -452,7 +445,7 @@ def check_outputs(config: ModelConfig, outputs: dict[str, np.ndarray]) -> dict[s
             raise KilnError(Status.INTERNAL, f"model '{config.name}' returned no output '{spec.name}'")
         shape = getattr(array, "shape", None)
         dims = spec.dims
-        if shape is None or len(shape) != len(dims) + skip or not _dims_match(dims, shape[skip:]):
+        if shape is None or len(shape) != len(dims) + skip or not dims_match(dims, shape[skip:]):
             expected = ",".join(str(d) for d in ((-1,) * skip + dims))
             got = list(shape) if shape is not None else type(array).__name__
             raise KilnError(
