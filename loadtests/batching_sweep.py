@@ -131,9 +131,10 @@ def h2load_step(workload: h2load.Workload, stub, concurrency: int, args) -> dict
     return step
 
 
-def ceiling(model_dir: Path, duration: float) -> dict:
+def ceiling(model_dir: Path, duration: float, batch: int = CEILING_BATCH) -> dict:
+    """The runtime alone at `batch`, configured as the server configures it (kiln bench --in-process's row)."""
     with open(os.devnull, "w") as sink:
-        report = run_in_process(model_dir, [CEILING_BATCH], duration_s=duration, warmup_s=1.0, out=sink, progress=False)
+        report = run_in_process(model_dir, [batch], duration_s=duration, warmup_s=1.0, out=sink, progress=False)
     return report["batches"][0]
 
 
@@ -144,9 +145,8 @@ def _median(values: list[float]) -> float:
 
 def _per_round(on: dict, off: dict, key: str) -> list[tuple[float, float]]:
     """(batching, no batching) of each round: the two copies ran back to back in every round, so
-    a pair shares the machine's moment; a step without its rounds counts as one round."""
-    single = {"items_per_s": lambda s: s["throughput_items_per_s"], "p50_ms": lambda s: s["latency_ms"]["p50"]}[key]
-    return list(zip(on.get(f"repeats_{key}") or [single(on)], off.get(f"repeats_{key}") or [single(off)]))
+    a pair shares the machine's moment."""
+    return list(zip(on[f"repeats_{key}"], off[f"repeats_{key}"]))
 
 
 def _rounds_text(values: list[float], fmt: str) -> str:
@@ -168,10 +168,9 @@ def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
         checks.append({"target": "mlp_wide c=64: batching >= 4x no-batching throughput",
                        "measured": f"{ratio:.2f}x (rounds {_rounds_text(ratios, '.2f')})", "pass": ratio >= 4.0})
         runs = ceilings.get("mlp_wide", [])
-        rounds_on = on.get("repeats_items_per_s", [on["throughput_items_per_s"]])
         if runs:
             # per round: served items/s over the ceiling measured right after it; the median round counts
-            shares = sorted(a / c["items_per_s"] for a, c in zip(rounds_on, runs) if c["items_per_s"])
+            shares = sorted(a / c["items_per_s"] for a, c in zip(on["repeats_items_per_s"], runs) if c["items_per_s"])
             share = _median(shares)
             share_list = ", ".join(f"{x * 100:.0f}%" for x in shares)
             ceiling_list = ", ".join(f"{c['items_per_s']:.0f}" for c in runs)

@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,9 +33,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from loadtests import h2load, pyspy_profile, threadcpu  # noqa: E402
-from loadtests.batching_sweep import start_server  # noqa: E402
+from loadtests.batching_sweep import ceiling, start_server  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
-from loadtests.bench.inprocess import locate_model, run_in_process  # noqa: E402
+from loadtests.bench.inprocess import locate_model  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench, stats_snapshot  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 
@@ -92,13 +93,6 @@ def served_step(load: ClosedLoop, stub, pid: int, args) -> dict:
     }
 
 
-def in_process(model_dir: Path, batch: int, duration: float) -> float:
-    """Items/s of the runtime alone at `batch`, configured as the server configures it."""
-    with open(os.devnull, "w") as sink:
-        report = run_in_process(model_dir, [batch], duration_s=duration, warmup_s=1.0, out=sink, progress=False)
-    return report["batches"][0]["items_per_s"]
-
-
 def _server_child(pyspy_pid: int) -> int:
     """The kiln process py-spy started."""
     children = Path(f"/proc/{pyspy_pid}/task/{pyspy_pid}/children").read_text().split()
@@ -122,7 +116,7 @@ def profile(args, workdir: Path) -> dict:
         cpu = threadcpu.cpu_split(cpu_before, threadcpu.sample(server_pid), time.monotonic() - started)
     finally:
         try:
-            os.kill(_server_child(proc.pid), 15)  # py-spy writes its file once the server has exited
+            os.kill(_server_child(proc.pid), signal.SIGTERM)  # py-spy writes its file once the server has exited
         except (SystemExit, OSError):
             proc.terminate()
         proc.wait(60)
@@ -150,11 +144,11 @@ def measure(args) -> dict:
             for r in range(args.rounds):
                 served = served_step(load, stub, proc.pid, args)
                 batch = min(max(1, round(served["avg_batch"])), max_batch)
-                ceiling = in_process(model_dir, batch, args.inprocess_duration)
-                rounds.append({**served, "inprocess_batch": batch, "inprocess_items_per_s": ceiling,
-                               "share": served["items_per_s"] / ceiling})
+                alone = ceiling(model_dir, args.inprocess_duration, batch)["items_per_s"]
+                rounds.append({**served, "inprocess_batch": batch, "inprocess_items_per_s": alone,
+                               "share": served["items_per_s"] / alone})
                 print(f"[{r + 1}/{args.rounds}] served {served['items_per_s']:.0f} items/s, {served['avg_batch']:.1f} rows "
-                      f"per execution; in-process at batch {batch}: {ceiling:.0f} items/s; share {rounds[-1]['share']:.1%}",
+                      f"per execution; in-process at batch {batch}: {alone:.0f} items/s; share {rounds[-1]['share']:.1%}",
                       flush=True)
         finally:
             proc.terminate()
