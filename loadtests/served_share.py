@@ -101,11 +101,28 @@ def _server_child(pyspy_pid: int) -> int:
     return int(children[0])
 
 
+PROFILE_ATTEMPTS = 2
+
+
 def profile(args, workdir: Path) -> dict:
-    """The same load against a server run under py-spy: where its threads are busy."""
+    """The same load against a server run under py-spy: where its threads are busy. A profile
+    without a single serving sample (py-spy lost the process) is taken once more, then fails
+    with py-spy's own words."""
+    for attempt in range(1, PROFILE_ATTEMPTS + 1):
+        log = workdir / f"profiled-server-{attempt}.log"
+        result = _profile_once(args, workdir, log)
+        if result["serving_samples"]:
+            return {**result, "attempts": attempt}
+    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-8:])
+    raise SystemExit(f"served_share: py-spy recorded no serving sample in {PROFILE_ATTEMPTS} attempts; "
+                     f"its output and the server's:\n{tail}")
+
+
+def _profile_once(args, workdir: Path, log: Path) -> dict:
     raw = workdir / "profile.raw"
+    raw.unlink(missing_ok=True)
     port = free_port()
-    proc = start_server(args.model_repository, port, workdir / "profiled-server.log", args.workers,
+    proc = start_server(args.model_repository, port, log, args.workers,
                         wrap=lambda cmd: pyspy_profile.command_under_pyspy(cmd, raw, args.profile_rate))
     try:
         server_pid = _server_child(proc.pid)
@@ -120,7 +137,8 @@ def profile(args, workdir: Path) -> dict:
         except (SystemExit, OSError):
             proc.terminate()
         proc.wait(60)
-    summary = pyspy_profile.summarize(pyspy_profile.parse_raw(raw.read_text()), args.profile_rate)
+    summary = pyspy_profile.summarize(pyspy_profile.parse_raw(raw.read_text() if raw.exists() else ""),
+                                      args.profile_rate)
     return {
         "rate_hz": args.profile_rate, "seconds": args.profile_duration,
         "items_per_s_while_profiled": step["throughput_rps"] * args.request_batch,

@@ -110,7 +110,7 @@ def test_served_share_end_to_end_on_mlp(tmp_path: Path):
     prof = report["profile"]
     names = {row["category"] for row in prof["categories"]}
     # the server ran the model and spent time under its event loop while profiled
-    assert {"runtime", "gRPC core and event loop (C)"} <= names, names
+    assert {"runtime", "gRPC core and event loop (C)"} <= names, prof
     assert sum(row["share"] for row in prof["categories"]) == pytest.approx(1.0)
     assert prof["items_per_s_while_profiled"] > 0 and prof["serving_samples"] > 50
 
@@ -131,3 +131,24 @@ def test_served_share_with_kiln_bench_as_the_generator(tmp_path: Path):
     assert report["config"]["generator"] == "bench" and report["profile"] is None
     assert r["items_per_s"] > 0 and r["client_cpu_cores"] > 0
     assert r["share"] == pytest.approx(r["items_per_s"] / r["inprocess_items_per_s"])
+
+
+def test_a_profile_without_serving_samples_is_retaken_then_fails_loudly(tmp_path: Path, monkeypatch):
+    from types import SimpleNamespace
+
+    from loadtests import served_share
+
+    calls = []
+
+    def empty_profile(args, workdir, log):
+        calls.append(log.name)
+        log.write_text("py-spy> Failed to sample\n")
+        return {"serving_samples": 0}
+
+    monkeypatch.setattr(served_share, "_profile_once", empty_profile)
+    with pytest.raises(SystemExit, match="no serving sample in 2 attempts(.|\n)*Failed to sample"):
+        served_share.profile(SimpleNamespace(), tmp_path)
+    assert calls == ["profiled-server-1.log", "profiled-server-2.log"]
+    results = iter([{"serving_samples": 0}, {"serving_samples": 5}])
+    monkeypatch.setattr(served_share, "_profile_once", lambda args, workdir, log: next(results))
+    assert served_share.profile(SimpleNamespace(), tmp_path) == {"serving_samples": 5, "attempts": 2}
