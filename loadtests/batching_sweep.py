@@ -48,6 +48,7 @@ from loadtests.bench.inprocess import run_in_process  # noqa: E402
 from loadtests import h2load, threadcpu  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench, stats_snapshot  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
+from loadtests.readiness import wait_ready  # noqa: E402
 from server.config import read_config_file  # noqa: E402
 
 CEILING_BATCH = 64
@@ -95,30 +96,18 @@ def make_repository(source: Path, models: list[str], target: Path) -> dict[str, 
 
 def start_server(repo: Path, port: int, log_path: Path, workers: int = 1, cwd: Path = REPO_ROOT,
                  wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen:
-    """`kiln serve` of the checkout at `cwd` on `repo`, returned once ServerReady says so.
+    """`kiln serve` of the checkout at `cwd` on `repo`, returned once every worker says it is ready.
     `wrap` turns the command into the one to run (e.g. under a profiler)."""
-    import grpc
-
-    from server.protocol import grpc_service_pb2 as pb
-    from server.protocol import grpc_service_pb2_grpc as pb_grpc
-
     command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers)]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(wrap(command) if wrap else command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"kiln serve exited ({proc.returncode}); log: {log_path}")
-        try:
-            if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                return proc
-        except grpc.RpcError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit(f"kiln serve not ready after 120 s; log: {log_path}")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(wrap(command) if wrap else command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        wait_ready(f"127.0.0.1:{port}", proc, workers=workers, log_path=log_path)
+    except RuntimeError:
+        proc.terminate()
+        raise
+    return proc
 
 
 def h2load_step(workload: h2load.Workload, stub, concurrency: int, args) -> dict:

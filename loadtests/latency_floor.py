@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the generated stubs live in the server package
 
 from loadtests.ports import free_port  # noqa: E402
+from loadtests.readiness import wait_ready  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -102,23 +103,9 @@ class Servers(contextlib.ExitStack):
             self.callback(log.close)
             self.procs[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, channels: dict[str, grpc.Channel], timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        for name, channel in channels.items():
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while True:
-                if self.procs[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited with {self.procs[name].returncode}:\n{self.log_tail(name)}")
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} not ready after {timeout_s:.0f} s:\n{self.log_tail(name)}")
-                time.sleep(0.1)
-
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        path = self.tmp / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        for name, proc in self.procs.items():
+            wait_ready(f"127.0.0.1:{self.ports[name]}", proc, timeout=timeout_s, log_path=self.tmp / f"{name}.log")
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -177,7 +164,7 @@ def main() -> int:
         channels = {name: grpc.insecure_channel(f"127.0.0.1:{port}") for name, port in servers.ports.items()}
         for channel in channels.values():
             servers.callback(channel.close)
-        servers.wait_ready(channels)
+        servers.wait_ready()
         print(f"kiln pid {servers.procs['kiln'].pid} port {servers.ports['kiln']}; "
               f"floor pid {servers.procs['floor'].pid} port {servers.ports['floor']}", flush=True)
         stubs = {name: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer for name, channel in channels.items()}

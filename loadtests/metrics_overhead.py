@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.ports import free_port  # noqa: E402
+from loadtests.readiness import wait_ready  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -102,17 +103,7 @@ class Server:
         self.proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"{self.name} server not ready")
+        wait_ready(self.url, self.proc, timeout=timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
-from loadtests.peers.compare import wait_ready  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
+from loadtests.readiness import wait_ready  # noqa: E402
 from server.client import connect  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -172,18 +172,11 @@ def start_replicas(count: int, repository: Path, model: str, workdir: Path, grac
         replicas.append(Replica(port, metrics_port, process, log_path))
     try:
         for replica in replicas:
-            wait_model_ready(replica, model)
+            wait_ready(replica.url, replica.process, model=model, timeout=READY_TIMEOUT_S, log_path=replica.log_path)
     except BaseException:
         stop_replicas(replicas)
         raise
     return replicas
-
-
-def wait_model_ready(replica: Replica, model: str) -> None:
-    try:
-        wait_ready(replica.url, model, replica.process, READY_TIMEOUT_S)
-    except RuntimeError as exc:
-        raise RuntimeError(f"replica {replica.url}: {exc}\n{replica.log_path.read_text()[-2000:]}") from None
 
 
 def stop_replicas(replicas: list[Replica]) -> list[int | None]:

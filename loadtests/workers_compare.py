@@ -32,37 +32,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from loadtests import h2load  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
-from server.protocol import grpc_service_pb2 as pb  # noqa: E402
-from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-
-
-def wait_ready(url: str, model: str, workers: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Ready when `model` is ready on `workers` distinct workers (fresh connections until all seen)."""
-    deadline = time.monotonic() + timeout
-    seen: set[str] = set()
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        channel = grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)])
-        try:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            _, call = stub.ServerMetadata.with_call(pb.ServerMetadataRequest(), timeout=2)
-            if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=2).ready:
-                seen.add(dict(call.trailing_metadata() or ()).get("kiln-worker", "0"))
-                if len(seen) >= workers:
-                    return
-        except grpc.RpcError:
-            time.sleep(0.2)
-        finally:
-            channel.close()
-    raise RuntimeError(f"{url}: {model} not ready on {workers} workers within {timeout:.0f} s")
+from loadtests.readiness import wait_ready  # noqa: E402
 
 
 def server_cpu_s(metrics_port: int) -> float:
@@ -96,7 +72,7 @@ def run_one(workers: int, event_loop: str, args, out_dir: Path) -> list[dict]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         steps = []
         try:
-            wait_ready(url, args.model, workers, proc)
+            wait_ready(url, proc, model=args.model, workers=workers, timeout=60, log_path=log_path)
             for concurrency in args.concurrency:
                 cpu_before, t0 = server_cpu_s(metrics_port), time.monotonic()
                 step = measure(url, concurrency, args, Path(workdir))

@@ -37,14 +37,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import grpc  # noqa: E402
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
 from loadtests import h2load  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
-from server.protocol import grpc_service_pb2 as pb  # noqa: E402
-from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from loadtests.readiness import wait_ready  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VENVS = HERE / ".venvs"
@@ -91,25 +89,6 @@ def batching_settings(model_dir: Path) -> tuple[int, int]:
     config = read_config_file(model_dir / "config.pbtxt")
     threads = config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters else "0"
     return config.dynamic_batching.max_queue_delay_microseconds, int(threads)
-
-
-def wait_ready(url: str, model: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    channel = grpc.insecure_channel(url)
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with {proc.returncode}")
-            try:
-                if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"not ready after {timeout:g} s")
-    finally:
-        channel.close()
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -207,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["rounds"].append(this)
                 try:
                     url = f"127.0.0.1:{port}"
-                    wait_ready(url, args.model, proc)
+                    workers = int(cmd[cmd.index("--workers") + 1]) if "--workers" in cmd else 1
+                    wait_ready(url, proc, model=args.model, workers=workers, log_path=log_path)
                     cfg = BenchConfig(url=url, model=args.model, concurrency=concurrency, duration_s=args.duration,
                                       warmup_s=args.warmup, connections=args.connections)
                     for step in run_bench(cfg, progress=False)["steps"]:
