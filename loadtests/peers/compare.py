@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="kiln bench and h2load seconds per step (default: 5)")
     ap.add_argument("--connections", type=int, default=1,
                     help="kiln bench gRPC / h2load HTTP/2 connections, the same for every server (default: 1)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="kiln bench client processes, the same for every server (default: 1)")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--measurement-interval", type=int, default=5000, help="perf_analyzer ms (default: 5000)")
     ap.add_argument("--no-perf-analyzer", action="store_true")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     workers = int(cmd[cmd.index("--workers") + 1]) if "--workers" in cmd else 1
                     wait_ready(url, proc, model=args.model, workers=workers, log_path=log_path)
                     cfg = BenchConfig(url=url, model=args.model, concurrency=concurrency, duration_s=args.duration,
-                                      warmup_s=args.warmup, connections=args.connections)
+                                      warmup_s=args.warmup, connections=args.connections, processes=args.processes)
                     for step in run_bench(cfg, progress=False)["steps"]:
                         this["bench"][str(step["concurrency"])] = step
                     if not args.no_perf_analyzer:
