@@ -10,8 +10,7 @@ import grpc
 
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
-
-WORKER_METADATA = "kiln-worker"  # server.workers.WORKER_METADATA; peers send none and count as one worker
+from server.workers import WORKER_METADATA  # a peer server sends none: it counts as one worker
 
 
 def wait_ready(url: str, proc: subprocess.Popen, *, model: str | None = None, workers: int = 1,

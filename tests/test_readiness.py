@@ -11,9 +11,10 @@ import pytest
 
 from conftest import REPO_ROOT
 from loadtests.ports import free_port
-from loadtests.readiness import WORKER_METADATA, wait_ready
+from loadtests.readiness import wait_ready
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.workers import WORKER_METADATA
 
 
 def _serve(tmp_path, *args: str) -> tuple[subprocess.Popen, str, object]:
