@@ -17,6 +17,8 @@ Targets checked (issue "dynamic batcher"), each on the median of its per-round c
   mlp @ c>=8:      batching >= no-batching within 5%
   mlp @ c=1:       p50 with batching <= p50 without + max_queue_delay + 0.1 ms
 Output: a table, a JSON report and a PNG plot under loadtests/results/ (or --out).
+On a noisy machine many short rounds judge better than a few long ones: the recorded runs use
+`--repeat 7 --duration 2 --warmup 0.5 --ceiling-duration 3` (docs/BENCHMARKS.md).
 
 `--generator h2load` drives the same steps with h2load (loadtests/h2load.py, C) instead of
 `kiln bench`: on 2 cores it leaves the server ~0.1-0.5 of a core more. `--workers N`
