@@ -34,9 +34,9 @@ _ORT_TO_V2 = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)"
 
 
 class FloorService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, model_path: str, name: str) -> None:
+    def __init__(self, model_path: str, name: str, intra_op_threads: int = 1) -> None:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # as model_repo/mlp/config.pbtxt
+        options.intra_op_num_threads = intra_op_threads  # 1: as model_repo/mlp/config.pbtxt
         self.session = ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
         self.name = name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -72,9 +72,9 @@ class FloorService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(model: str, name: str, host: str, port: int) -> None:
+async def serve(model: str, name: str, host: str, port: int, intra_op_threads: int) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorService(model, name), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorService(model, name, intra_op_threads), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
@@ -93,9 +93,10 @@ def main() -> None:
     parser.add_argument("--name", default="mlp", help="model name reported in responses")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--intra-op-threads", type=int, default=1, help="ORT intra-op threads, 0 = ORT's default (default: 1)")
     parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto")
     args = parser.parse_args()
-    eventloop.run(serve(args.model, args.name, args.host, args.port), args.event_loop)
+    eventloop.run(serve(args.model, args.name, args.host, args.port, args.intra_op_threads), args.event_loop)
 
 
 if __name__ == "__main__":

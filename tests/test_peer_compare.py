@@ -72,3 +72,52 @@ def test_markdown_has_a_column_per_generator_and_names_failures():
     assert "| kiln-w2 | 1000 | 4000 |" in text and "5000 (3.00)" in text
     assert "mlserver-w0: h2load saw 3 failed calls at c=1" in text
     assert "perf_analyzer n/a, mlserver-w0: failed to get model config" in text
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_every_peer_gets_kilns_threads_batch_size_and_delay(tmp_path, monkeypatch):
+    model = tmp_path / "repo" / "resnet"
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'name: "resnet"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 32\n'
+        'input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] } ]\n'
+        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]\n'
+        'dynamic_batching { max_queue_delay_microseconds: 800 }\n'
+        'parameters { key: "intra_op_thread_count" value: { string_value: "2" } }\n')
+    for venv in ("mlserver", "pytriton"):  # only their presence is looked at here
+        (tmp_path / "venvs" / venv / "bin").mkdir(parents=True)
+        (tmp_path / "venvs" / venv / "bin" / "python").touch()
+    monkeypatch.setattr(compare, "VENVS", tmp_path / "venvs")
+
+    servers = compare.server_commands("resnet", model / "1" / "model.onnx", model.parent, 9000)
+
+    assert {"kiln", "kiln-w2", "floor", "mlserver-w0", "mlserver-w1", "pytriton"} <= set(servers)
+    for name in ("floor", "mlserver-w0", "mlserver-w1", "pytriton"):
+        assert flag(servers[name][0], "--intra-op-threads") == "2", name
+    for name in ("mlserver-w0", "mlserver-w1", "pytriton"):
+        assert flag(servers[name][0], "--max-batch-size") == "32", name
+    assert flag(servers["pytriton"][0], "--max-queue-delay-us") == "800"
+    assert flag(servers["mlserver-w0"][0], "--max-batch-time") == "0.0008"
+
+
+def test_mlserver_keeps_its_own_wait_when_kiln_has_no_queue_delay(tmp_path, monkeypatch):
+    (tmp_path / "venvs" / "mlserver" / "bin").mkdir(parents=True)
+    (tmp_path / "venvs" / "mlserver" / "bin" / "python").touch()
+    monkeypatch.setattr(compare, "VENVS", tmp_path / "venvs")
+    repo = compare.REPO_ROOT / "model_repo"  # the bundled mlp: dynamic_batching { }, one ORT thread
+
+    servers = compare.server_commands("mlp", repo / "mlp" / "1" / "model.onnx", repo, 9000)
+
+    argv = servers["mlserver-w0"][0]
+    assert flag(argv, "--max-batch-time") is None  # serve_mlserver's 0.5 ms: MLServer batches nothing without a wait
+    assert flag(argv, "--intra-op-threads") == "1" and flag(argv, "--max-batch-size") == "64"
+    assert flag(servers["floor"][0], "--intra-op-threads") == "1"
+
+
+def test_a_model_without_targets_is_tabulated_but_not_judged():
+    measured = {**report(), "model": "resnet18"}
+    assert compare.checks(measured) == []
+    assert "| kiln |" in compare.markdown({**measured, "checks": []})

@@ -3,7 +3,8 @@
     bash loadtests/peers/setup.sh                # once: MLServer and PyTriton venvs, perf_analyzer's libraries
     python -m loadtests.peers.compare            # mlp, c = 1 and 16, kiln bench + perf_analyzer
 
-Servers (each serving model_repo/<model>/1/model.onnx with one ORT intra-op thread, batching on):
+Servers (each serving <source>/<model>/1/model.onnx, batching on, with the ORT intra-op threads and
+max batch size of kiln's config.pbtxt for the model):
   kiln      `kiln serve` on a repository with the bundled config (dynamic_batching)
   floor     loadtests/floor_server.py: bare grpc.aio + ORT, no batching (when that file exists)
   mlserver  MLServer 1.7, custom onnxruntime runtime, adaptive batching (parallel_workers 0 and 1)
@@ -12,7 +13,9 @@ Generators: `kiln bench` closed loop, perf_analyzer from the tritonclient wheel
 (--measurement-interval 5000 --stability-percentage 25), and h2load (loadtests/h2load.py, C,
 the lightest: it leaves the server the most of the 2 cores). perf_analyzer calls ModelConfig,
 which MLServer 1.7 and the floor do not implement: those cells say n/a.
-PyTriton gets the queue delay and ORT threads of kiln's config.pbtxt for the model.
+PyTriton also gets kiln's queue delay; MLServer gets it when it is not 0 (its adaptive batching
+merges nothing without a wait; 0.5 ms otherwise). Zoo models: `--model resnet18 --source DIR`
+with DIR made by `python -m export.make_zoo --model-repository DIR --only resnet18`.
 Targets (issue "Load tests and benchmarks"): mlp c=16 kiln >= 2x PyTriton and >= 4x MLServer;
 p50 at c=1 <= half of MLServer's; mlp_wide c=64 kiln >= 1.5x PyTriton.
 """
@@ -32,6 +35,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -61,33 +65,43 @@ def server_commands(model: str, model_file: Path, repo: Path, port: int) -> dict
         "kiln-w2": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                      "--metrics-port", str(free_port()), "--grace-period", "2", "--workers", "2"], {}),
     }
+    kiln = batching_settings(repo / model)
+    threads = ["--intra-op-threads", str(kiln.threads)]
     floor = REPO_ROOT / "loadtests" / "floor_server.py"
     if floor.is_file():
-        servers["floor"] = ([sys.executable, str(floor), "--model", str(model_file), "--name", model, "--port", str(port)], {})
+        servers["floor"] = ([sys.executable, str(floor), "--model", str(model_file), "--name", model, "--port", str(port),
+                             *threads], {})
     mls = VENVS / "mlserver" / "bin" / "python"
     if mls.exists():
+        delay = ["--max-batch-time", str(kiln.delay_us / 1e6)] if kiln.delay_us else []
         for workers in (0, 1):
             servers[f"mlserver-w{workers}"] = (
                 [str(mls), str(HERE / "serve_mlserver.py"), "--model", str(model_file), "--name", model,
-                 "--grpc-port", str(port), "--parallel-workers", str(workers)], {})
+                 "--grpc-port", str(port), "--parallel-workers", str(workers),
+                 "--max-batch-size", str(kiln.max_batch_size), *delay, *threads], {})
     pyt = VENVS / "pytriton" / "bin" / "python"
     if pyt.exists():
         libdir = sysconfig.get_config_var("LIBDIR") or ""  # the stub needs the libpython the venv was made from
         env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
-        delay_us, threads = batching_settings(repo / model)
         servers["pytriton"] = ([str(pyt), str(HERE / "serve_pytriton.py"), "--model", str(model_file), "--name", model,
-                                "--grpc-port", str(port), "--max-queue-delay-us", str(delay_us),
-                                "--intra-op-threads", str(threads)], env)
+                                "--grpc-port", str(port), "--max-queue-delay-us", str(kiln.delay_us),
+                                "--max-batch-size", str(kiln.max_batch_size), *threads], env)
     return servers
 
 
-def batching_settings(model_dir: Path) -> tuple[int, int]:
-    """(queue delay in µs, ORT intra-op threads, 0 = ORT's default) of kiln's config.pbtxt: PyTriton gets the same."""
+class KilnSettings(NamedTuple):
+    delay_us: int  # dynamic batching's max_queue_delay_microseconds
+    threads: int  # ORT intra-op threads, 0 = ORT's default
+    max_batch_size: int
+
+
+def batching_settings(model_dir: Path) -> KilnSettings:
+    """What kiln's config.pbtxt sets for batching and ORT threads: every peer gets the same."""
     from server.config import read_config_file
 
     config = read_config_file(model_dir / "config.pbtxt")
     threads = config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters else "0"
-    return config.dynamic_batching.max_queue_delay_microseconds, int(threads)
+    return KilnSettings(config.dynamic_batching.max_queue_delay_microseconds, int(threads), config.max_batch_size)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -140,7 +154,9 @@ def run_h2load(url: str, model: str, concurrency: list[int], args, workdir: Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mlp", help="bundled model to serve everywhere (default: mlp)")
+    ap.add_argument("--model", default="mlp", help="model of --source to serve everywhere (default: mlp)")
+    ap.add_argument("--source", type=Path, default=REPO_ROOT / "model_repo",
+                    help="repository the model comes from (default: model_repo)")
     ap.add_argument("--servers", default="", help="comma-separated subset (default: every installed one)")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--duration", type=float, default=5.0, help="kiln bench and h2load seconds per step (default: 5)")
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    source = REPO_ROOT / "model_repo" / args.model
+    source = args.source / args.model
     model_file = source / "1" / "model.onnx"
     report: dict = {
         "tool": "loadtests/peers/compare.py", "argv": sys.argv, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -250,6 +266,8 @@ def summary(report: dict, server: str, c: int) -> dict | None:
 
 # the issue's throughput targets: model -> (concurrency, [(peer prefix, factor)])
 THROUGHPUT_TARGETS = {"mlp": (16, [("pytriton", 2.0), ("mlserver", 4.0)]), "mlp_wide": (64, [("pytriton", 1.5)])}
+# the models whose c=1 p50 the issue compares with MLServer's (at most half of it)
+P50_TARGET_MODELS = ("mlp",)
 # generator -> summary keys of its throughput, per-round throughputs and p50
 GENERATORS = {"kiln bench": ("throughput_rps", "rounds_rps", "p50_ms"),
               "perf_analyzer": ("pa_rps", "pa_rounds_rps", "pa_p50_ms"),
@@ -261,7 +279,7 @@ def checks(report: dict, kiln: str = "kiln") -> list[dict]:
     out = []
     c, targets = THROUGHPUT_TARGETS.get(report["model"], (16, []))
     kiln_c, kiln1 = summary(report, kiln, c), summary(report, kiln, 1)
-    mlservers = [s for s in report["servers"] if s.startswith("mlserver")]
+    mlservers = [s for s in report["servers"] if s.startswith("mlserver") and report["model"] in P50_TARGET_MODELS]
     peers = [(name, factor) for prefix, factor in targets for name in report["servers"] if name.startswith(prefix)]
     for generator, (rps, rounds, p50) in GENERATORS.items():
         for peer, factor in peers:

@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--http-port", type=int, default=0, help="(default: grpc port + 1000)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-batch-time", type=float, default=0.0005, help="seconds adaptive batching waits (default: 0.0005)")
+    ap.add_argument("--intra-op-threads", type=int, default=1, help="ORT intra-op threads, 0 = ORT's default (default: 1)")
     ap.add_argument("--parallel-workers", type=int, default=0, help="MLServer inference worker processes (default: 0, in the server process)")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -52,7 +53,7 @@ def main() -> int:
         "implementation": "mlserver_runtime.OnnxModel",
         "inputs": tensors(session.get_inputs()),
         "outputs": tensors(session.get_outputs()),
-        "parameters": {"uri": str(args.model.resolve()), "version": "1", "extra": {"intra_op_threads": 1}},
+        "parameters": {"uri": str(args.model.resolve()), "version": "1", "extra": {"intra_op_threads": args.intra_op_threads}},
     }
     if args.max_batch_size > 1:
         model_settings["max_batch_size"] = args.max_batch_size
