@@ -78,7 +78,15 @@ def flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
-def test_every_peer_gets_kilns_threads_batch_size_and_delay(tmp_path, monkeypatch):
+def fake_peer_venvs(tmp_path, monkeypatch) -> None:
+    """server_commands only looks for the peers' venv interpreters."""
+    for venv in ("mlserver", "pytriton"):
+        (tmp_path / "venvs" / venv / "bin").mkdir(parents=True)
+        (tmp_path / "venvs" / venv / "bin" / "python").touch()
+    monkeypatch.setattr(compare, "VENVS", tmp_path / "venvs")
+
+
+def test_every_peer_gets_kilns_threads_batch_size_delay_and_instances(tmp_path, monkeypatch):
     model = tmp_path / "repo" / "resnet"
     model.mkdir(parents=True)
     (model / "config.pbtxt").write_text(
@@ -86,11 +94,9 @@ def test_every_peer_gets_kilns_threads_batch_size_and_delay(tmp_path, monkeypatc
         'input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] } ]\n'
         'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]\n'
         'dynamic_batching { max_queue_delay_microseconds: 800 }\n'
+        'instance_group [ { count: 2 kind: KIND_CPU } ]\n'
         'parameters { key: "intra_op_thread_count" value: { string_value: "2" } }\n')
-    for venv in ("mlserver", "pytriton"):  # only their presence is looked at here
-        (tmp_path / "venvs" / venv / "bin").mkdir(parents=True)
-        (tmp_path / "venvs" / venv / "bin" / "python").touch()
-    monkeypatch.setattr(compare, "VENVS", tmp_path / "venvs")
+    fake_peer_venvs(tmp_path, monkeypatch)
 
     servers = compare.server_commands("resnet", model / "1" / "model.onnx", model.parent, 9000)
 
@@ -100,13 +106,12 @@ def test_every_peer_gets_kilns_threads_batch_size_and_delay(tmp_path, monkeypatc
     for name in ("mlserver-w0", "mlserver-w1", "pytriton"):
         assert flag(servers[name][0], "--max-batch-size") == "32", name
     assert flag(servers["pytriton"][0], "--max-queue-delay-us") == "800"
+    assert flag(servers["pytriton"][0], "--instances") == "2"
     assert flag(servers["mlserver-w0"][0], "--max-batch-time") == "0.0008"
 
 
 def test_mlserver_keeps_its_own_wait_when_kiln_has_no_queue_delay(tmp_path, monkeypatch):
-    (tmp_path / "venvs" / "mlserver" / "bin").mkdir(parents=True)
-    (tmp_path / "venvs" / "mlserver" / "bin" / "python").touch()
-    monkeypatch.setattr(compare, "VENVS", tmp_path / "venvs")
+    fake_peer_venvs(tmp_path, monkeypatch)
     repo = compare.REPO_ROOT / "model_repo"  # the bundled mlp: dynamic_batching { }, one ORT thread
 
     servers = compare.server_commands("mlp", repo / "mlp" / "1" / "model.onnx", repo, 9000)
@@ -115,6 +120,7 @@ def test_mlserver_keeps_its_own_wait_when_kiln_has_no_queue_delay(tmp_path, monk
     assert flag(argv, "--max-batch-time") is None  # serve_mlserver's 0.5 ms: MLServer batches nothing without a wait
     assert flag(argv, "--intra-op-threads") == "1" and flag(argv, "--max-batch-size") == "64"
     assert flag(servers["floor"][0], "--intra-op-threads") == "1"
+    assert flag(servers["pytriton"][0], "--instances") == "1"
 
 
 def test_a_model_without_targets_is_tabulated_but_not_judged():

@@ -4,7 +4,7 @@
     python -m loadtests.peers.compare            # mlp, c = 1 and 16, kiln bench + perf_analyzer
 
 Servers (each serving <source>/<model>/1/model.onnx, batching on, with the ORT intra-op threads and
-max batch size of kiln's config.pbtxt for the model):
+max batch size of kiln's config.pbtxt for the model; PyTriton also its instance count):
   kiln      `kiln serve` on a repository with the bundled config (dynamic_batching)
   floor     loadtests/floor_server.py: bare grpc.aio + ORT, no batching (when that file exists)
   mlserver  MLServer 1.7, custom onnxruntime runtime, adaptive batching (parallel_workers 0 and 1)
@@ -65,7 +65,7 @@ def server_commands(model: str, model_file: Path, repo: Path, port: int) -> dict
         "kiln-w2": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                      "--metrics-port", str(free_port()), "--grace-period", "2", "--workers", "2"], {}),
     }
-    kiln = batching_settings(repo / model)
+    kiln = kiln_settings(repo / model)
     threads = ["--intra-op-threads", str(kiln.threads)]
     floor = REPO_ROOT / "loadtests" / "floor_server.py"
     if floor.is_file():
@@ -85,7 +85,8 @@ def server_commands(model: str, model_file: Path, repo: Path, port: int) -> dict
         env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
         servers["pytriton"] = ([str(pyt), str(HERE / "serve_pytriton.py"), "--model", str(model_file), "--name", model,
                                 "--grpc-port", str(port), "--max-queue-delay-us", str(kiln.delay_us),
-                                "--max-batch-size", str(kiln.max_batch_size), *threads], env)
+                                "--max-batch-size", str(kiln.max_batch_size), "--instances", str(kiln.instances),
+                                *threads], env)
     return servers
 
 
@@ -93,15 +94,18 @@ class KilnSettings(NamedTuple):
     delay_us: int  # dynamic batching's max_queue_delay_microseconds
     threads: int  # ORT intra-op threads, 0 = ORT's default
     max_batch_size: int
+    instances: int  # instance_group counts, summed
 
 
-def batching_settings(model_dir: Path) -> KilnSettings:
+def kiln_settings(model_dir: Path) -> KilnSettings:
     """What kiln's config.pbtxt sets for batching and ORT threads: every peer gets the same."""
     from server.config import read_config_file
 
     config = read_config_file(model_dir / "config.pbtxt")
     threads = config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters else "0"
-    return KilnSettings(config.dynamic_batching.max_queue_delay_microseconds, int(threads), config.max_batch_size)
+    instances = sum(max(group.count, 1) for group in config.instance_group) or 1  # as server/config.py counts
+    return KilnSettings(config.dynamic_batching.max_queue_delay_microseconds, int(threads), config.max_batch_size,
+                        instances)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batcher delay (default: 0, as kiln's mlp)")
     ap.add_argument("--intra-op-threads", type=int, default=1, help="ORT intra-op threads, 0 = ORT's default (default: 1)")
+    ap.add_argument("--instances", type=int, default=1, help="model instances (default: 1)")
     args = ap.parse_args()
 
     from pytriton.decorators import batch
@@ -44,10 +45,16 @@ def main() -> int:
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
 
-    @batch
-    def infer(**inputs):
-        results = session.run(output_names, {name: inputs[name] for name in input_names})
-        return dict(zip(output_names, results))
+    def make_infer():
+        @batch
+        def infer(**inputs):
+            results = session.run(output_names, {name: inputs[name] for name in input_names})
+            return dict(zip(output_names, results))
+
+        return infer
+
+    # PyTriton runs one model instance per callable; they share the session, as kiln's instances do
+    infer_funcs = [make_infer() for _ in range(max(args.instances, 1))]
 
     config = TritonConfig(
         grpc_port=args.grpc_port,
@@ -61,7 +68,7 @@ def main() -> int:
     with Triton(config=config, security_config=security) as triton:
         triton.bind(
             model_name=args.name,
-            infer_func=infer,
+            infer_func=infer_funcs,
             inputs=[Tensor(name=t.name, dtype=_ORT_TO_NUMPY[t.type], shape=tuple(t.shape[1:])) for t in session.get_inputs()],
             outputs=[Tensor(name=t.name, dtype=_ORT_TO_NUMPY[t.type], shape=tuple(t.shape[1:])) for t in session.get_outputs()],
             config=ModelConfig(max_batch_size=max(args.max_batch_size, 1), batcher=batcher),
