@@ -1,0 +1,87 @@
+"""loadtests/floor_server.py, the reference every served figure's Python gRPC cost is read against:
+a real server answering what ONNX Runtime computes, with the ORT threads it is given."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import REPO_ROOT
+from loadtests.ports import free_port
+from loadtests.readiness import wait_ready
+from server.protocol import grpc_service_pb2 as pb
+from server.protocol import grpc_service_pb2_grpc as pb_grpc
+
+MLP = REPO_ROOT / "model_repo" / "mlp" / "1" / "model.onnx"
+
+
+def start_floor(tmp_path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log_path = tmp_path / f"floor-{threads}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "loadtests/floor_server.py", "--model", str(MLP), "--name", "mlp",
+                                 "--port", str(port), "--intra-op-threads", str(threads)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    url = f"127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=60, log_path=log_path)
+    except Exception:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def floor_url(tmp_path):
+    proc, url = start_floor(tmp_path, 1)
+    yield url
+    stop(proc)
+
+
+def unnamed_threads(pid: int) -> int:
+    """Threads still called "python": ORT's intra-op pool is among them (grpc names its own)."""
+    return sum(1 for task in Path(f"/proc/{pid}/task").iterdir() if (task / "comm").read_text().strip() == "python")
+
+
+def test_answers_what_onnxruntime_computes(floor_url):
+    x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="mlp", id="r1")
+    request.inputs.add(name="x", datatype="FP32", shape=[5, 256])
+    request.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(floor_url) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    (expected,) = ort.InferenceSession(str(MLP), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert (response.model_name, response.id) == ("mlp", "r1")
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("y", "FP32", [5, 10])]
+    got = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(5, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_metadata_names_the_batch_dimension_as_dynamic(floor_url):
+    with grpc.insecure_channel(floor_url) as channel:
+        meta = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(pb.ModelMetadataRequest(name="mlp"), timeout=10)
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 256])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("y", "FP32", [-1, 10])]
+
+
+def test_intra_op_threads_reach_onnxruntime(tmp_path):
+    one, _ = start_floor(tmp_path, 1)
+    try:
+        three, _ = start_floor(tmp_path, 3)
+        try:
+            assert unnamed_threads(three.pid) - unnamed_threads(one.pid) == 2  # ORT's pool: threads - 1
+        finally:
+            stop(three)
+    finally:
+        stop(one)
