@@ -5,7 +5,7 @@
 
 Servers (each serving <source>/<model>/1/model.onnx, batching on, with the ORT intra-op threads and
 max batch size of kiln's config.pbtxt for the model; PyTriton also its instance count):
-  kiln      `kiln serve` on a repository with the bundled config (dynamic_batching)
+  kiln      `kiln serve` on a repository with the model and its config.pbtxt (dynamic_batching)
   floor     loadtests/floor_server.py: bare grpc.aio + ORT, no batching (when that file exists)
   mlserver  MLServer 1.7, custom onnxruntime runtime, adaptive batching (parallel_workers 0 and 1)
   pytriton  PyTriton 0.7, onnxruntime session bound with Triton's dynamic batcher
@@ -98,7 +98,8 @@ class KilnSettings(NamedTuple):
 
 
 def kiln_settings(model_dir: Path) -> KilnSettings:
-    """What kiln's config.pbtxt sets for batching and ORT threads: every peer gets the same."""
+    """What kiln's config.pbtxt sets for batching, ORT threads and instances: the peers get the same
+    (MLServer has no instances in one process, the floor neither instances nor batching)."""
     from server.config import read_config_file
 
     config = read_config_file(model_dir / "config.pbtxt")
