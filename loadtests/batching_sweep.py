@@ -32,6 +32,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,11 +130,6 @@ def ceiling(model_dir: Path, duration: float, batch: int = CEILING_BATCH) -> dic
     return report["batches"][0]
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
-
-
 def _per_round(on: dict, off: dict, key: str) -> list[tuple[float, float]]:
     """(batching, no batching) of each round: the two copies ran back to back in every round, so
     a pair shares the machine's moment."""
@@ -155,14 +151,14 @@ def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
     if "mlp_wide" in results and 64 in results["mlp_wide"]:
         on, off = step("mlp_wide", 64), step("mlp_wide_nobatch", 64)
         ratios = [a / b if b else float("inf") for a, b in _per_round(on, off, "items_per_s")]
-        ratio = _median(ratios)
+        ratio = statistics.median_low(ratios)
         checks.append({"target": "mlp_wide c=64: batching >= 4x no-batching throughput",
                        "measured": f"{ratio:.2f}x (rounds {_rounds_text(ratios, '.2f')})", "pass": ratio >= 4.0})
         runs = ceilings.get("mlp_wide", [])
         if runs:
             # per round: served items/s over the ceiling measured right after it; the median round counts
             shares = sorted(a / c["items_per_s"] for a, c in zip(on["repeats_items_per_s"], runs) if c["items_per_s"])
-            share = _median(shares)
+            share = statistics.median_low(shares)
             share_list = ", ".join(f"{x * 100:.0f}%" for x in shares)
             ceiling_list = ", ".join(f"{c['items_per_s']:.0f}" for c in runs)
             checks.append({"target": "mlp_wide c=64: batching >= 50% of in-process batch-64 items/s",
@@ -173,7 +169,7 @@ def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
             on, off = step("mlp", c), step("mlp_nobatch", c)
             if c >= 8:
                 ratios = [a / b if b else float("inf") for a, b in _per_round(on, off, "items_per_s")]
-                ratio = _median(ratios)
+                ratio = statistics.median_low(ratios)
                 checks.append({"target": f"mlp c={c}: batching >= 95% of no-batching throughput",
                                "measured": f"{ratio * 100:.0f}% (rounds {_rounds_text([r * 100 for r in ratios], '.0f')}%)",
                                "pass": ratio >= 0.95})
@@ -181,7 +177,7 @@ def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
                 delay_ms = models_info["mlp"]["max_queue_delay_us"] / 1000
                 allowed = delay_ms + 0.1
                 extra = [a - b for a, b in _per_round(on, off, "p50_ms")]
-                worse = _median(extra)
+                worse = statistics.median_low(extra)
                 checks.append({"target": "mlp c=1: p50 batching <= no-batching + delay + 0.1 ms",
                                "measured": f"{worse:+.3f} ms against {allowed:.3f} allowed (rounds "
                                            f"{_rounds_text(extra, '+.3f')} ms; delay {delay_ms:g})",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def require_tool(name: str) -> str:
             pytest.fail(message + " (KILN_REQUIRE_TOOLS is set)")
         pytest.skip(message)
     return path
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM a server the test started, SIGKILL it if it is still there after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class RunningServer:

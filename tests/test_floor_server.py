@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, stop_process
 from loadtests.ports import free_port
 from loadtests.readiness import wait_ready
 from server.protocol import grpc_service_pb2 as pb
@@ -32,21 +32,16 @@ def start_floor(tmp_path, threads: int) -> tuple[subprocess.Popen, str]:
     try:
         wait_ready(url, proc, timeout=60, log_path=log_path)
     except Exception:
-        stop(proc)
+        stop_process(proc)
         raise
     return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(30)
 
 
 @pytest.fixture
 def floor_url(tmp_path):
     proc, url = start_floor(tmp_path, 1)
     yield url
-    stop(proc)
+    stop_process(proc)
 
 
 def unnamed_threads(pid: int) -> int:
@@ -82,6 +77,6 @@ def test_intra_op_threads_reach_onnxruntime(tmp_path):
         try:
             assert unnamed_threads(three.pid) - unnamed_threads(one.pid) == 2  # ORT's pool: threads - 1
         finally:
-            stop(three)
+            stop_process(three)
     finally:
-        stop(one)
+        stop_process(one)

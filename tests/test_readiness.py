@@ -9,7 +9,7 @@ import sys
 import grpc
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, stop_process
 from loadtests.ports import free_port
 from loadtests.readiness import wait_ready
 from server.protocol import grpc_service_pb2 as pb
@@ -27,15 +27,6 @@ def _serve(tmp_path, *args: str) -> tuple[subprocess.Popen, str, object]:
     return proc, f"127.0.0.1:{port}", log_path
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_returns_once_the_model_is_ready_on_every_worker(tmp_path):
     proc, url, log_path = _serve(tmp_path, "--model-repository", str(REPO_ROOT / "model_repo"), "--workers", "2")
     try:
@@ -49,7 +40,7 @@ def test_returns_once_the_model_is_ready_on_every_worker(tmp_path):
                 answered.add(dict(call.trailing_metadata())[WORKER_METADATA])
         assert answered == {"0", "1"}
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
@@ -58,7 +49,7 @@ def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
         with pytest.raises(RuntimeError, match=r"exited with [1-9](.|\n)*no-such-repository"):
             wait_ready(url, proc, timeout=60, log_path=log_path)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_a_server_that_never_answers_times_out(tmp_path):
@@ -67,4 +58,4 @@ def test_a_server_that_never_answers_times_out(tmp_path):
         with pytest.raises(RuntimeError, match=r"mlp not ready on 1 worker\(s\) after 1 s"):
             wait_ready(f"127.0.0.1:{free_port()}", silent, model="mlp", timeout=1)
     finally:
-        _stop(silent)
+        stop_process(silent)
