@@ -98,8 +98,11 @@ def parse_raw(text: str) -> list[Sample]:
         if rest.startswith("thread ("):
             label, _, rest = rest.partition(";")
             thread = label.split(":", 1)[1].strip() if ":" in label else "?"
+        # py-spy's own child (the first process of the chain) is the server by construction, also when
+        # py-spy could not read its command line (it then writes `process PID:""`)
         innermost_process = processes[processes.rfind("process "):]
-        in_server = not processes or any(marker in innermost_process for marker in SERVER_PROCESSES)
+        in_server = (processes.count("process ") <= 1
+                     or any(marker in innermost_process for marker in SERVER_PROCESSES))
         samples.append(Sample(thread, tuple(rest.split(";")) if rest else (), int(count), in_server))
     return samples
 

@@ -47,6 +47,15 @@ def test_parse_raw_keeps_command_lines_with_newlines_and_semicolons_out_of_the_s
     assert summary["other_process_samples"] == 4 and summary["serving_samples"] == 2
 
 
+def test_parse_raw_takes_py_spys_own_child_as_the_server_when_its_command_line_was_not_read():
+    """py-spy sometimes writes `process PID:""` for the server it started; its children stay apart."""
+    text = ('process 10:"";thread (10): MainThread;Runner.run (asyncio/runners.py:118) 5\n'
+            'process 10:"";process 31:"cc -shared";thread (31): MainThread;main (cc:1) 2\n')
+    server, child = parse_raw(text)
+    assert server.in_server and not child.in_server
+    assert summarize([server, child])["serving_samples"] == 5
+
+
 @pytest.mark.parametrize("frames, expected", [
     ((), "gRPC core and event loop (C)"),  # only the loop's drivers: C under uvloop
     (("InferenceService._infer (server/service.py:138)", "OnnxRuntime.infer (server/runtime/onnxruntime.py:162)",
