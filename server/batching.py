@@ -48,6 +48,7 @@ import numpy as np
 from server.errors import KilnError, Status
 from server.model_types import DynamicBatchingConfig, TimeoutAction
 from server.threadnames import set_native_thread_name
+from server.threadpriority import lower_thread_priority, runtime_nice
 
 __all__ = [
     "BatchPolicy",
@@ -307,6 +308,7 @@ class InstancePool:
     def _worker(self) -> None:
         me = threading.current_thread()
         set_native_thread_name(me.name)  # top -H and profilers show "kiln-<model>-<n>", not "python"
+        lower_thread_priority(runtime_nice())  # kiln serve --runtime-nice: the event loop goes first
         try:
             while True:
                 work = self._queue.get()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings, auth_intercept
 from server.logs import configure_logging
 from server.metrics import latency_buckets
 from server.repository import ControlMode
+from server.threadpriority import MAX_NICE, RUNTIME_NICE_ENV
 
 
 def _bool(text: str) -> bool:
@@ -59,6 +61,10 @@ def _add_serve(sub) -> None:
         help="serving processes sharing the gRPC port (SO_REUSEPORT; one client connection lands on one of "
         "them); each batches on its own; statistics, metrics and load/unload span all (default: 1)",
     )
+    p.add_argument("--runtime-nice", type=int, default=None, metavar="N",
+                   help="run the model instances' threads (and the compute threads their runtime starts) N nice "
+                   "steps below the server's, so the event loop goes first on a busy CPU host; 0-19 "
+                   f"(default: ${RUNTIME_NICE_ENV} or 0)")
     p.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
                    help="asyncio event loop: uvloop takes less CPU per call (default: auto = uvloop when installed)")
     p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="certificate chain: serve gRPC over TLS (with --tls-key)")
@@ -82,6 +88,11 @@ def _serve(args) -> int:
     if args.workers < 1:
         print(f"kiln serve: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
+    if args.runtime_nice is not None:
+        if not 0 <= args.runtime_nice <= MAX_NICE:
+            print(f"kiln serve: --runtime-nice must be 0-{MAX_NICE}, got {args.runtime_nice}", file=sys.stderr)
+            return 2
+        os.environ[RUNTIME_NICE_ENV] = str(args.runtime_nice)  # read by this process and its --workers
     try:
         buckets = latency_buckets(args.latency_buckets)
     except ValueError as exc:

@@ -11,6 +11,7 @@ import numpy as np
 
 from server.model_types import ModelConfig
 from server.runtime.base import RuntimeExecutionError, RuntimeLoadError, TensorInfo, worker_cpu_share
+from server.threadpriority import call_on_lowered_thread, runtime_nice
 
 log = logging.getLogger("kiln.runtime.onnxruntime")
 
@@ -119,9 +120,9 @@ class OnnxRuntime:
         )
         providers = self._available_providers(ort, options, config)
         try:
-            self._session = ort.InferenceSession(
-                str(model_file), sess_options=session_options, providers=providers
-            )
+            # ORT starts its intra-op threads here: they inherit the creating thread's priority
+            self._session = call_on_lowered_thread(
+                runtime_nice(), ort.InferenceSession, str(model_file), session_options, providers)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise RuntimeLoadError(f"onnxruntime cannot load {model_file.name}: {exc}") from exc
         self.inputs = tuple(_tensor_info(i) for i in self._session.get_inputs())
