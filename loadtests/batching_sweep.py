@@ -24,6 +24,8 @@ On a noisy machine many short rounds judge better than a few long ones: the reco
 `kiln bench`: on 2 cores it leaves the server ~0.1-0.5 of a core more. `--workers N`
 serves with `kiln serve --workers N` (each worker batches on its own, with its share of
 the cores for ORT); the ceiling stays ORT alone with the config's own threads.
+`--runtime-nice N` serves with `kiln serve --runtime-nice N` (the runtime's threads below the
+event loop); the ceiling, ORT alone, has nothing to compete with.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -98,11 +100,11 @@ def make_repository(source: Path, models: list[str], target: Path) -> dict[str, 
 
 
 def start_server(repo: Path, port: int, log_path: Path, workers: int = 1, cwd: Path = REPO_ROOT,
-                 wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen:
-    """`kiln serve` of the checkout at `cwd` on `repo`, returned once every worker says it is ready.
-    `wrap` turns the command into the one to run (e.g. under a profiler)."""
+                 wrap: Callable[[list[str]], list[str]] | None = None, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`kiln serve` of the checkout at `cwd` on `repo` (plus the flags in `extra`), returned once every
+    worker says it is ready. `wrap` turns the command into the one to run (e.g. under a profiler)."""
     command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-               "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers)]
+               "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers), *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(wrap(command) if wrap else command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     try:
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=None,
                     help="connections in all (default: one per kiln bench process; 8 for h2load)")
     ap.add_argument("--workers", type=int, default=1, help="kiln serve --workers (default: 1)")
+    ap.add_argument("--runtime-nice", type=int, default=0, help="kiln serve --runtime-nice (default: 0)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over every step, order alternating; the median round counts (default: 1)")
     ap.add_argument("--ceiling-duration", type=float, default=5.0, help="seconds of each in-process ceiling (default: 5)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results", help="folder for JSON/PNG/markdown")
@@ -282,13 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": rp.machine_info(), "models": models, "concurrency": concurrency,
         "duration_s": args.duration, "warmup_s": args.warmup, "processes": args.processes, "repeat": args.repeat,
         "generator": args.generator, "connections": args.connections, "workers": args.workers,
+        "runtime_nice": args.runtime_nice,
         "results": {}, "ceilings": {}, "checks": [],
     }
     with tempfile.TemporaryDirectory(prefix="kiln-batching-sweep-") as tmp:
         repo = Path(tmp) / "repo"
         report["model_info"] = make_repository(args.source, models, repo)
         port = free_port()
-        server = start_server(repo, port, args.out / f"batching_sweep-{stamp}-server.log", args.workers)
+        server = start_server(repo, port, args.out / f"batching_sweep-{stamp}-server.log", args.workers,
+                              extra=["--runtime-nice", str(args.runtime_nice)])
         try:
             stub, workloads = None, {}
             if args.generator == "h2load":

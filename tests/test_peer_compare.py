@@ -123,6 +123,17 @@ def test_mlserver_keeps_its_own_wait_when_kiln_has_no_queue_delay(tmp_path, monk
     assert flag(servers["pytriton"][0], "--instances") == "1"
 
 
+def test_kiln_flags_reach_both_kiln_commands_and_no_peer(tmp_path, monkeypatch):
+    fake_peer_venvs(tmp_path, monkeypatch)
+    repo = compare.REPO_ROOT / "model_repo"
+
+    servers = compare.server_commands("mlp", repo / "mlp" / "1" / "model.onnx", repo, 9000, ["--runtime-nice", "10"])
+
+    assert flag(servers["kiln"][0], "--runtime-nice") == "10"
+    assert flag(servers["kiln-w2"][0], "--runtime-nice") == "10" and flag(servers["kiln-w2"][0], "--workers") == "2"
+    assert all("--runtime-nice" not in argv for name, (argv, _) in servers.items() if not name.startswith("kiln"))
+
+
 def test_a_model_without_targets_is_tabulated_but_not_judged():
     measured = {**report(), "model": "resnet18"}
     assert compare.checks(measured) == []

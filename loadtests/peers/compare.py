@@ -27,6 +27,7 @@ import csv
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -56,14 +57,16 @@ def cudart_dir() -> Path | None:
     return found[0] if found else None
 
 
-def server_commands(model: str, model_file: Path, repo: Path, port: int) -> dict[str, tuple[list[str], dict]]:
-    """name -> (argv, extra env) for every server whose installation is present."""
+def server_commands(model: str, model_file: Path, repo: Path, port: int,
+                    kiln_flags: Sequence[str] = ()) -> dict[str, tuple[list[str], dict]]:
+    """name -> (argv, extra env) for every server whose installation is present; `kiln_flags` go to
+    both kiln commands."""
     servers: dict[str, tuple[list[str], dict]] = {
         "kiln": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-                  "--metrics-port", "-1", "--grace-period", "2"], {}),
+                  "--metrics-port", "-1", "--grace-period", "2", *kiln_flags], {}),
         # two SO_REUSEPORT serving processes: only helps when the load arrives over several connections
         "kiln-w2": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-                     "--metrics-port", str(free_port()), "--grace-period", "2", "--workers", "2"], {}),
+                     "--metrics-port", str(free_port()), "--grace-period", "2", "--workers", "2", *kiln_flags], {}),
     }
     kiln = kiln_settings(repo / model)
     threads = ["--intra-op-threads", str(kiln.threads)]
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", type=Path, default=REPO_ROOT / "model_repo",
                     help="repository the model comes from (default: model_repo)")
     ap.add_argument("--servers", default="", help="comma-separated subset (default: every installed one)")
+    ap.add_argument("--kiln-flags", default="", metavar="FLAGS",
+                    help="more `kiln serve` flags for kiln and kiln-w2, e.g. '--runtime-nice 10' (default: none)")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--duration", type=float, default=5.0, help="kiln bench and h2load seconds per step (default: 5)")
     ap.add_argument("--connections", type=int, default=1,
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp) / "repo"
         shutil.copytree(source, repo / args.model)
         port = free_port()
-        servers = server_commands(args.model, model_file, repo, port)
+        servers = server_commands(args.model, model_file, repo, port, shlex.split(args.kiln_flags))
         wanted = [s for s in args.servers.split(",") if s] or list(servers)
         for name in [n for n in wanted if n not in servers]:
             print(f"{name}: not installed (bash loadtests/peers/setup.sh)", flush=True)
