@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 __all__ = ["RUNTIME_NICE_ENV", "runtime_nice", "lower_thread_priority", "call_on_lowered_thread"]
@@ -51,19 +52,6 @@ def call_on_lowered_thread(steps: int, fn: Callable[..., Any], *args: Any) -> An
     lower priority; returns or raises what ``fn`` does. With ``steps`` 0, a plain call."""
     if steps <= 0:
         return fn(*args)
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        lower_thread_priority(steps)
-        try:
-            outcome.append((True, fn(*args)))
-        except BaseException as exc:  # noqa: BLE001 - raised again on the calling thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="kiln-runtime-load", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix="kiln-runtime-load",
+                            initializer=lower_thread_priority, initargs=(steps,)) as one_thread:
+        return one_thread.submit(fn, *args).result()
