@@ -12,14 +12,11 @@ import shutil
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tritonclient.grpc as triton
 
 from conftest import REPO_ROOT
-from loadtests.ports import free_port
 from server.threadpriority import RUNTIME_NICE_ENV, call_on_lowered_thread, lower_thread_priority, runtime_nice
-from test_cli import Serve
+from test_workers import TIMEOUT_S, Workers, infer_request
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a Linux feature")
 
@@ -80,25 +77,22 @@ def test_serve_runs_every_workers_runtime_threads_below_its_event_loop(tmp_path)
     text = config.read_text().replace('string_value: "1"', 'string_value: "2"')  # an ORT pool thread too
     assert 'key: "intra_op_thread_count" value: { string_value: "2" }' in text
     config.write_text(text)
-    port = free_port()
-    serve = Serve(["--model-repository", str(repo), "--grpc-port", str(port), "--metrics-port", "-1",
-                   "--workers", "2", "--runtime-nice", "7"], tmp_path, port)
+    workers = Workers(repo, tmp_path, extra_args=("--runtime-nice", "7"))
     try:
-        serve.wait_ready()
-        client = triton.InferenceServerClient(serve.url)
-        x = triton.InferInput("x", [4, 256], "FP32")
-        x.set_data_from_numpy(np.ones((4, 256), np.float32))
-        assert client.infer("mlp", [x]).as_numpy("y").shape == (4, 10)
-        client.close()
-        base = nice_of(serve.process.pid)
-        workers = [int(p) for p in Path(f"/proc/{serve.process.pid}/task/{serve.process.pid}/children").read_text().split()]
-        assert len(workers) == 2, serve.output()
-        for pid in workers:
+        workers.wait_ready()  # both workers, each over a connection of its own
+        base = nice_of(workers.process.pid)
+        seen = set()
+        for index, (connection, *_) in workers.connect(8).items():
+            # an answer from this worker: its instance thread has started (and lowered itself)
+            assert connection.stub.ModelInfer(infer_request(rows=4), timeout=TIMEOUT_S).outputs[0].shape == [4, 10]
+            _, pid = connection.worker()
             nices = thread_nices(pid)
             lowered = sorted(name for name, nice in nices.values() if nice == base + 7)
             # the instance thread and ORT's one intra-op pool thread; the event loop and gRPC's threads not
             assert lowered == ["kiln-mlp-0", "python"], nices
             assert nices[pid][1] == base, nices
             assert sum(nice == base for _, nice in nices.values()) == len(nices) - 2, nices
+            seen.add(index)
+        assert seen == {0, 1}
     finally:
-        serve.close()
+        workers.close()
