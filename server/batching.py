@@ -189,10 +189,11 @@ class Wait:
 
 _IDLE = Wait(None)
 _SLOP_S = 1e-7
+PEAK_WINDOW_S = 0.1  # long enough to span a few batch cycles, short enough to follow the load
 
 
 def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
-                free_instances: int) -> Dispatch | Wait:
+                free_instances: int, expected: int = 0) -> Dispatch | Wait:
     """The batching decision.  Pure: reads its arguments, changes nothing.
 
     ``pending`` are the queued requests in priority order: level 1 first;
@@ -212,6 +213,10 @@ def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
       * the batch is full, or has reached the largest preferred size, or the
         oldest member has waited max_queue_delay, or no delay is configured
         -> dispatch the whole candidate;
+      * and, beyond Triton: the candidate holds ``expected`` requests or more
+        (``expected`` > 0: as many as the scheduler can still expect to arrive
+        before these are answered) -> dispatch the whole candidate: waiting
+        longer would add delay and no company;
       * otherwise wait for the rest of the oldest member's delay.
     """
     if free_instances <= 0:
@@ -258,7 +263,7 @@ def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
     exceeded = delay > 0 and now - oldest >= delay - _SLOP_S
     if best and not exceeded:
         return Dispatch(tuple(batch[:best]))
-    if full or exceeded or delay <= 0 or rows >= policy.max_preferred:
+    if full or exceeded or delay <= 0 or rows >= policy.max_preferred or 0 < expected <= len(batch):
         return Dispatch(tuple(batch))
     return Wait(oldest + delay - now)
 
@@ -438,6 +443,10 @@ class Scheduler:
         self._level_count = [0] * (self._levels + 1)
         self._waiting = 0
         self._inflight = 0
+        # The most requests in flight at once in the current window of PEAK_WINDOW_S and in the
+        # last completed one: what a closed-loop load keeps outstanding (see _expected).
+        self._peak = self._last_peak = 0
+        self._peak_window_end = 0.0  # on self._clock
         self._free = instance_count
         self._seq = itertools.count()
         self._expiries: list[tuple[float, int, int, Pending]] = []  # (time, n, kind, req)
@@ -547,7 +556,12 @@ class Scheduler:
         q[req.seq] = req
         self._level_count[level] += 1
         self._waiting += 1
+        if now >= self._peak_window_end:  # a new window; the last one's peak is what _expected uses
+            self._last_peak, self._peak = self._peak, self._inflight
+            self._peak_window_end = now + PEAK_WINDOW_S
         self._inflight += 1
+        if self._inflight > self._peak:
+            self._peak = self._inflight
         if self._preserve:
             self._order[req.seq] = req
         if deadline is not None:
@@ -655,7 +669,7 @@ class Scheduler:
 
         wait = None
         while self._free and self._waiting:
-            action = next_action(self._pending(), now, self._policy, self._free)
+            action = next_action(self._pending(), now, self._policy, self._free, self._expected())
             if type(action) is Wait:
                 wait = action.seconds
                 break
@@ -682,6 +696,21 @@ class Scheduler:
                     self._watchdogs[batch] = self._loop.call_later(  # type: ignore[union-attr]
                         self._exec_timeout_s, self._on_hung, batch, work)
         self._arm_timer(now, wait)
+
+    def _expected(self) -> int:
+        """How many requests can still be expected to join a batch formed now (0: unknown).
+
+        A client waits for its answer before it sends again, so no more requests arrive
+        before an answer than the most there were in flight lately; those executing now
+        will not join. Once that many are queued the batch takes them all at once instead
+        of waiting out the queue delay for company that cannot come. Under a closed-loop
+        load of N streams this merges the two halves a busy instance would otherwise split
+        them into: one execution of N rows instead of two of N/2.
+        """
+        if self._policy.max_queue_delay_s <= 0 or not self._last_peak:
+            return 0
+        executing = sum(len(batch) for batch in self._running)
+        return max(self._last_peak - executing, 0)
 
     def _arm_timer(self, now: float, wait: float | None = None) -> None:
         heap = self._expiries

@@ -185,6 +185,50 @@ def test_preferred_batch_size_dispatches_without_waiting_the_delay():
     run(main())
 
 
+def test_closed_loop_batches_dispatch_once_every_client_is_queued_not_after_the_delay():
+    """8 clients, each sending again when answered: once the scheduler has seen them all in
+    flight, a batch leaves as soon as all 8 are queued instead of waiting out the 1 s delay for a
+    preferred size of 64 that cannot form. Only the first batch (nothing seen yet) waits."""
+    async def main():
+        model = FakeModel()
+        s = Scheduler("m", max_batch_size=64,
+                      batching=batching(preferred_batch_size=(64,), max_queue_delay_microseconds=1_000_000),
+                      instance_count=1, execute=model)
+
+        async def client(marker: int) -> list[int]:
+            answers = []
+            for round_ in range(6):
+                out, _ = await s.submit(x_of(marker * 10 + round_))
+                answers.append(int(out["y"][0, 0]))
+            return answers
+
+        t = time.monotonic()
+        answers = await asyncio.gather(*(client(i) for i in range(8)))
+        took = time.monotonic() - t
+        assert 0.95 <= took < 1.0 + 0.8  # the first delay, then five batches without one (not 6 s)
+        assert model.rows_per_batch() == [8] * 6
+        assert answers == [[2 * (i * 10 + r) + 1 for r in range(6)] for i in range(8)]
+        await s.close()
+    run(main())
+
+
+def test_lone_requests_in_sequence_stop_waiting_for_company_once_one_was_seen_alone():
+    async def main():
+        model = FakeModel()
+        s = Scheduler("m", max_batch_size=8, batching=batching(max_queue_delay_microseconds=300_000),
+                      instance_count=1, execute=model)
+        t = time.monotonic()
+        await s.submit(x_of(0))  # nothing seen yet: waits the delay, as Triton does
+        assert time.monotonic() - t >= 0.29
+        t = time.monotonic()
+        for i in range(1, 6):
+            await s.submit(x_of(i))  # one client at a time: no company can come
+        assert time.monotonic() - t < 0.3  # five requests, less than one delay in all
+        assert model.rows_per_batch() == [1] * 6
+        await s.close()
+    run(main())
+
+
 def test_max_batch_size_dispatches_without_waiting_the_delay():
     async def main():
         model = FakeModel()

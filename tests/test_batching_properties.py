@@ -71,10 +71,10 @@ def check_decision(policy: BatchPolicy, pending: list[Pending], now: float, acti
 
 
 @settings(max_examples=200, deadline=None)
-@given(queues(), st.integers(0, 3))
-def test_next_action_invariants(q, free):
+@given(queues(), st.integers(0, 3), st.integers(0, 8))
+def test_next_action_invariants(q, free, expected):
     policy, pending, now = q
-    action = next_action(pending, now, policy, free)
+    action = next_action(pending, now, policy, free, expected)
     if free == 0:
         assert action == Wait(None)
         return
@@ -86,7 +86,13 @@ def test_next_action_invariants(q, free):
         assert (policy.max_queue_delay_s == 0 or waited or rows in policy.preferred_batch_sizes
                 or rows >= policy.max_preferred
                 or any(p.key == action.requests[0].key for p in pending if p not in action.requests)
-                or rows == policy.max_batch_size), "dispatched early for no reason"
+                or rows == policy.max_batch_size
+                or 0 < expected <= len(action.requests)), "dispatched early for no reason"
+    same_key = [p for p in pending if pending and p.key == pending[0].key and p.level == pending[0].level]
+    if (free and not policy.preferred_batch_sizes and 0 < expected <= len(same_key)
+            and sum(p.rows for p in same_key) <= policy.max_batch_size):
+        # every request that can still come is here (and fits; no preferred size cuts it first)
+        assert isinstance(action, Dispatch) and len(action.requests) >= expected
 
 
 @settings(max_examples=200, deadline=None)
@@ -186,9 +192,9 @@ class Recorder:
     def installed(self):
         original = batching_mod.next_action
 
-        def wrapper(pending, now, policy, free):
+        def wrapper(pending, now, policy, free, expected=0):
             snapshot = list(pending)
-            action = original(snapshot, now, policy, free)
+            action = original(snapshot, now, policy, free, expected)
             if isinstance(action, Dispatch):
                 self.decisions.append((snapshot, action.requests))
                 for p in action.requests:
