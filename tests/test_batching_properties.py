@@ -88,7 +88,7 @@ def test_next_action_invariants(q, free, expected):
                 or any(p.key == action.requests[0].key for p in pending if p not in action.requests)
                 or rows == policy.max_batch_size
                 or 0 < expected <= len(action.requests)), "dispatched early for no reason"
-    same_key = [p for p in pending if pending and p.key == pending[0].key and p.level == pending[0].level]
+    same_key = [p for p in pending if p.key == pending[0].key and p.level == pending[0].level]
     if (free and not policy.preferred_batch_sizes and 0 < expected <= len(same_key)
             and sum(p.rows for p in same_key) <= policy.max_batch_size):
         # every request that can still come is here (and fits; no preferred size cuts it first)

@@ -79,10 +79,13 @@ def test_serve_runs_every_workers_runtime_threads_below_its_event_loop(tmp_path)
     config.write_text(text)
     workers = Workers(repo, tmp_path, extra_args=("--runtime-nice", "7"))
     try:
-        workers.wait_ready()  # both workers, each over a connection of its own
+        workers.wait_ready()  # returns once its connections reached both workers
         base = nice_of(workers.process.pid)
+        one_per_worker = {}
+        for connection in workers.connections:
+            one_per_worker.setdefault(connection.worker()[0], connection)
         seen = set()
-        for index, (connection, *_) in workers.connect(8).items():
+        for index, connection in one_per_worker.items():
             # an answer from this worker: its instance thread has started (and lowered itself)
             assert connection.stub.ModelInfer(infer_request(rows=4), timeout=TIMEOUT_S).outputs[0].shape == [4, 10]
             _, pid = connection.worker()
