@@ -53,13 +53,18 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 """
 
+# mlp_wide's delay spans one execution plus the answers' round trip (~20-30 ms on 2 cores): under
+# a closed loop, the requests queued while a batch runs then wait for that batch's clients to send
+# again, and each worker runs one batch of all its streams instead of two of half as many (ORT does
+# ~17% more items/s per core at 32 rows than at 16). Open-loop traffic at moderate rates pays it:
+# docs/BENCHMARKS.md, "A longer queue delay for mlp_wide".
 MLP_WIDE_CONFIG = """\
 name: "mlp_wide"
 platform: "onnxruntime_onnx"
 max_batch_size: 64
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 1024 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ 1024 ] } ]
-dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000 }
+dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 40000 }
 instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
