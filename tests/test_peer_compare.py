@@ -5,6 +5,8 @@ The peer servers themselves are not started here (they need their own venvs: loa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loadtests.peers import compare
 
 
@@ -86,7 +88,8 @@ def fake_peer_venvs(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(compare, "VENVS", tmp_path / "venvs")
 
 
-def test_every_peer_gets_kilns_threads_batch_size_delay_and_instances(tmp_path, monkeypatch):
+def resnet_model(tmp_path) -> Path:
+    """A model folder whose config sets every setting the peers copy (800 us delay)."""
     model = tmp_path / "repo" / "resnet"
     model.mkdir(parents=True)
     (model / "config.pbtxt").write_text(
@@ -96,6 +99,11 @@ def test_every_peer_gets_kilns_threads_batch_size_delay_and_instances(tmp_path, 
         'dynamic_batching { max_queue_delay_microseconds: 800 }\n'
         'instance_group [ { count: 2 kind: KIND_CPU } ]\n'
         'parameters { key: "intra_op_thread_count" value: { string_value: "2" } }\n')
+    return model
+
+
+def test_every_peer_gets_kilns_threads_batch_size_delay_and_instances(tmp_path, monkeypatch):
+    model = resnet_model(tmp_path)
     fake_peer_venvs(tmp_path, monkeypatch)
 
     servers = compare.server_commands("resnet", model / "1" / "model.onnx", model.parent, 9000)
@@ -108,6 +116,18 @@ def test_every_peer_gets_kilns_threads_batch_size_delay_and_instances(tmp_path, 
     assert flag(servers["pytriton"][0], "--max-queue-delay-us") == "800"
     assert flag(servers["pytriton"][0], "--instances") == "2"
     assert flag(servers["mlserver-w0"][0], "--max-batch-time") == "0.0008"
+
+
+def test_peer_queue_delay_replaces_kilns_for_the_peers_only(tmp_path, monkeypatch):
+    model = resnet_model(tmp_path)
+    fake_peer_venvs(tmp_path, monkeypatch)
+
+    servers = compare.server_commands("resnet", model / "1" / "model.onnx", model.parent, 9000, peer_delay_us=2000)
+
+    assert flag(servers["pytriton"][0], "--max-queue-delay-us") == "2000"
+    assert flag(servers["mlserver-w1"][0], "--max-batch-time") == "0.002"
+    assert flag(servers["pytriton"][0], "--instances") == "2"  # the rest still from kiln's config
+    assert "max_queue_delay_microseconds: 800" in (model / "config.pbtxt").read_text()  # kiln keeps its own
 
 
 def test_mlserver_keeps_its_own_wait_when_kiln_has_no_queue_delay(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ Generators: `kiln bench` closed loop, perf_analyzer from the tritonclient wheel
 (--measurement-interval 5000 --stability-percentage 25), and h2load (loadtests/h2load.py, C,
 the lightest: it leaves the server the most of the 2 cores). perf_analyzer calls ModelConfig,
 which MLServer 1.7 and the floor do not implement: those cells say n/a.
-PyTriton also gets kiln's queue delay; MLServer gets it when it is not 0 (its adaptive batching
+PyTriton also gets kiln's queue delay (or --peer-queue-delay-us); MLServer gets it when it is not 0 (its adaptive batching
 merges nothing without a wait; 0.5 ms otherwise). Zoo models: `--model resnet18 --source DIR`
 with DIR made by `python -m export.make_zoo --model-repository DIR --only resnet18`.
 Targets (issue "Load tests and benchmarks"): mlp c=16 kiln >= 2x PyTriton and >= 4x MLServer;
@@ -58,9 +58,9 @@ def cudart_dir() -> Path | None:
 
 
 def server_commands(model: str, model_file: Path, repo: Path, port: int,
-                    kiln_flags: Sequence[str] = ()) -> dict[str, tuple[list[str], dict]]:
+                    kiln_flags: Sequence[str] = (), peer_delay_us: int | None = None) -> dict[str, tuple[list[str], dict]]:
     """name -> (argv, extra env) for every server whose installation is present; `kiln_flags` go to
-    both kiln commands."""
+    both kiln commands; `peer_delay_us`, when given, is the peers' queue delay instead of kiln's."""
     servers: dict[str, tuple[list[str], dict]] = {
         "kiln": ([sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
                   "--metrics-port", "-1", "--grace-period", "2", *kiln_flags], {}),
@@ -69,6 +69,8 @@ def server_commands(model: str, model_file: Path, repo: Path, port: int,
                      "--metrics-port", str(free_port()), "--grace-period", "2", "--workers", "2", *kiln_flags], {}),
     }
     kiln = kiln_settings(repo / model)
+    if peer_delay_us is not None:
+        kiln = kiln._replace(delay_us=peer_delay_us)
     threads = ["--intra-op-threads", str(kiln.threads)]
     floor = REPO_ROOT / "loadtests" / "floor_server.py"
     if floor.is_file():
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default="", help="comma-separated subset (default: every installed one)")
     ap.add_argument("--kiln-flags", default="", metavar="FLAGS",
                     help="more `kiln serve` flags for kiln and kiln-w2, e.g. '--runtime-nice 10' (default: none)")
+    ap.add_argument("--peer-queue-delay-us", type=int, default=None, metavar="US",
+                    help="PyTriton's and MLServer's queue delay instead of kiln's (e.g. each at its own best)")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--duration", type=float, default=5.0, help="kiln bench and h2load seconds per step (default: 5)")
     ap.add_argument("--connections", type=int, default=1,
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(tmp) / "repo"
         shutil.copytree(source, repo / args.model)
         port = free_port()
-        servers = server_commands(args.model, model_file, repo, port, shlex.split(args.kiln_flags))
+        servers = server_commands(args.model, model_file, repo, port, shlex.split(args.kiln_flags),
+                                  args.peer_queue_delay_us)
         wanted = [s for s in args.servers.split(",") if s] or list(servers)
         for name in [n for n in wanted if n not in servers]:
             print(f"{name}: not installed (bash loadtests/peers/setup.sh)", flush=True)
