@@ -541,7 +541,9 @@ class Scheduler:
         if deadline is not None and deadline <= now:
             raise _deadline_error(self.model_name, "reached its deadline before it was queued")
 
-        if self._inline_fits(self._free) and not self._order and self._policy.dispatches_alone(rows):
+        # Not under preserve_ordering: an answer released just before may not have reached its
+        # caller yet (its task wakes on the next turn), and this one would overtake it.
+        if self._inline_fits(self._free) and not self._preserve and self._policy.dispatches_alone(rows):
             return self._run_alone_now(Pending(rows, None, level, now, next(self._seq), inputs, None, _perf_ns()))
 
         # -- accept

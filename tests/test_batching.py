@@ -381,6 +381,32 @@ def test_preserve_ordering_releases_in_arrival_order():
     run(main())
 
 
+def test_preserve_ordering_holds_when_a_fast_model_could_answer_at_the_door():
+    """An answer released by the scheduler reaches its caller on the loop's next turn; a request
+    answered inline at the door in between would overtake it. Task 1 waits for the instance task
+    0 holds, task 2 arrives just as 1 is released: 2 must not be answered before 1."""
+    async def main():
+        s = Scheduler("m", max_batch_size=8, batching=batching(preserve_ordering=True), instance_count=1,
+                      execute=FakeModel(), inline_max_us=1_000_000)
+        for i in range(2):  # the first lone execution is measured; from then on the model counts as fast
+            await s.submit(x_of(i))
+        done: list[int] = []
+
+        async def one(i):
+            await s.submit(x_of(i))
+            done.append(i)
+
+        tasks = [asyncio.ensure_future(one(0))]
+        tasks.append(asyncio.ensure_future(one(1)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        tasks += [asyncio.ensure_future(one(i)) for i in (2, 3)]
+        await asyncio.gather(*tasks)
+        assert done == [0, 1, 2, 3]
+        await s.close()
+    run(main())
+
+
 # ------------------------------------------------------------------ queue policy
 
 
