@@ -38,6 +38,7 @@ def test_short_sweep_reports_every_step_with_its_server_cpu(tmp_path):
     table = next(out.glob("batching_sweep-*.md")).read_text()
     assert "server CPU on: loop / instances / other" in table
     assert table.count("| mlp |") == len(CONCURRENCY)
+    assert next(out.glob("batching_sweep-*.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _step(items_per_s: list[float], p50_ms: list[float]) -> dict:
@@ -66,3 +67,26 @@ def test_batching_is_judged_round_by_round():
     assert "rounds 100, 67, 103%" in checks["mlp c=8"]["measured"]
     results["mlp"][1] = _step([1000, 1000, 1000], [0.80, 0.81, 0.60])  # +0.25 ms in two rounds of three
     assert not evaluate(results, {"mlp": {"max_queue_delay_us": 0}}, {})[0]["pass"]
+
+
+def test_plot_draws_the_ceilings_of_every_round_as_one_band(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from loadtests import batching_sweep
+
+    step = {"throughput_items_per_s": 500.0, "latency_ms": {"p50": 5.0, "p99": 9.0}}
+    report = {"models": ["mlp_wide"], "concurrency": [1, 64],
+              "results": {v: {"1": step, "64": step} for v in ("mlp_wide", "mlp_wide_nobatch")},
+              "ceilings": {"mlp_wide": [{"items_per_s": x} for x in (2400, 2700, 2500)]}}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure, to read what was drawn
+    batching_sweep.plot(report, tmp_path / "sweep.png")
+    throughput = figures[0].axes[0]
+    labels = [t.get_text() for t in throughput.get_legend().get_texts()]
+    assert labels.count("in-process b=64 (range over rounds)") == 1
+    (band,) = [p for p in throughput.patches if p.get_label().startswith("in-process")]
+    assert (band.get_y(), band.get_y() + band.get_height()) == (2400, 2700)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

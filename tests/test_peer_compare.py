@@ -5,6 +5,7 @@ The peer servers themselves are not started here (they need their own venvs: loa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loadtests.peers import compare
@@ -74,6 +75,19 @@ def test_markdown_has_a_column_per_generator_and_names_failures():
     assert "| kiln-w2 | 1000 | 4000 |" in text and "5000 (3.00)" in text
     assert "mlserver-w0: h2load saw 3 failed calls at c=1" in text
     assert "perf_analyzer n/a, mlserver-w0: failed to get model config" in text
+
+
+def test_plot_shows_each_generators_mean_at_the_judged_concurrency(tmp_path):
+    data = report()
+    data.update(date="2026-12-03T10:00:00+00:00", machine={"nproc": 2, "cpu_model": "AMD EPYC"})
+    bars = compare.plot_data(data)
+    assert bars["kiln bench"] == {"kiln": 3000, "kiln-w2": 4000, "pytriton": 2000, "mlserver-w0": 1000}
+    assert bars["perf_analyzer"] == {"kiln": 3300, "pytriton": 2200}  # no bar where it could not measure
+    assert bars["h2load"]["kiln-w2"] == 5000
+    recorded = tmp_path / "peers.json"
+    recorded.write_text(json.dumps(data))
+    assert compare.main(["--replot", str(recorded)]) == 0
+    assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def flag(argv: list[str], name: str) -> str | None:

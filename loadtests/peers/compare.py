@@ -18,6 +18,8 @@ merges nothing without a wait; 0.5 ms otherwise). Zoo models: `--model resnet18 
 with DIR made by `python -m export.make_zoo --model-repository DIR --only resnet18`.
 Targets (issue "Load tests and benchmarks"): mlp c=16 kiln >= 2x PyTriton and >= 4x MLServer;
 p50 at c=1 <= half of MLServer's; mlp_wide c=64 kiln >= 1.5x PyTriton.
+Output in --out: peers-STAMP.json (every round), .md (the table and verdicts), .png (bars per
+server and generator at the judged concurrency; `--replot REPORT.json` redraws a recorded one).
 """
 
 from __future__ import annotations
@@ -184,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-h2load", action="store_true", help="skip h2load (also skipped when it is not installed)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers, order reversed every other round (default: 2)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results")
+    ap.add_argument("--replot", type=Path, metavar="REPORT.json",
+                    help="measure nothing: draw a recorded report's plot as REPORT.png")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -241,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (args.out / f"peers-{stamp}.md").write_text(text + "\n")
+    plot(report, args.out / f"peers-{stamp}.png")
     print()
     print(text)
     print(f"\nreport: {path}")
@@ -347,6 +355,44 @@ def markdown(report: dict) -> str:
         lines.append("")
         lines += [f"- {e}" for e in sorted(set(errors))]
     return "\n".join(lines)
+
+
+def plot_data(report: dict) -> dict[str, dict[str, float]]:
+    """generator -> server -> mean req/s at the judged concurrency (the last one), where measured."""
+    c = report["concurrency"][-1]
+    out: dict[str, dict[str, float]] = {}
+    for generator, (rps, _, _) in GENERATORS.items():
+        for name in report["servers"]:
+            row = summary(report, name, c)
+            if row and row[rps]:
+                out.setdefault(generator, {})[name] = row[rps]
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Grouped bars: each server's throughput at the judged concurrency, one bar per load generator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = plot_data(report)
+    servers = list(report["servers"])
+    width = 0.8 / max(len(data), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(servers)), 4.5), dpi=110)
+    for i, (generator, by_server) in enumerate(data.items()):
+        xs = [k + (i - (len(data) - 1) / 2) * width for k, name in enumerate(servers) if name in by_server]
+        bars = ax.bar(xs, [by_server[n] for n in servers if n in by_server], width, label=generator)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)
+    ax.set_xticks(range(len(servers)), servers, fontsize=8)
+    ax.set_ylabel("requests/s (batch-1 requests)")
+    ax.set_title(f"{report['model']}, concurrency {report['concurrency'][-1]}: "
+                 f"{report['machine']['nproc']} x {report['machine']['cpu_model']}, {report['date'][:10]}", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
