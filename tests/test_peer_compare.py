@@ -80,7 +80,8 @@ def test_markdown_has_a_column_per_generator_and_names_failures():
 def test_plot_shows_each_generators_mean_at_the_judged_concurrency(tmp_path):
     data = report()
     data.update(date="2026-12-03T10:00:00+00:00", machine={"nproc": 2, "cpu_model": "AMD EPYC"})
-    bars = compare.plot_data(data)
+    assert compare.plotted_concurrency(data) == 16
+    bars = compare.plot_data(data, 16)
     assert bars["kiln bench"] == {"kiln": 3000, "kiln-w2": 4000, "pytriton": 2000, "mlserver-w0": 1000}
     assert bars["perf_analyzer"] == {"kiln": 3300, "pytriton": 2200}  # no bar where it could not measure
     assert bars["h2load"]["kiln-w2"] == 5000
@@ -88,6 +89,9 @@ def test_plot_shows_each_generators_mean_at_the_judged_concurrency(tmp_path):
     recorded.write_text(json.dumps(data))
     assert compare.main(["--replot", str(recorded)]) == 0
     assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the judged c=16, not the last step measured; a model without targets plots its last step
+    assert compare.plotted_concurrency(dict(data, concurrency=[1, 16, 64])) == 16
+    assert compare.plotted_concurrency(dict(data, model="resnet18", concurrency=[1, 8])) == 8
 
 
 def flag(argv: list[str], name: str) -> str | None:

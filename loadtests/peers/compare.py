@@ -357,9 +357,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_data(report: dict) -> dict[str, dict[str, float]]:
-    """generator -> server -> mean req/s at the judged concurrency (the last one), where measured."""
-    c = report["concurrency"][-1]
+def plotted_concurrency(report: dict) -> int:
+    """The concurrency the targets judge (THROUGHPUT_TARGETS), where it was measured; else the last one."""
+    judged = THROUGHPUT_TARGETS.get(report["model"], (None, []))[0]
+    return judged if judged in report["concurrency"] else report["concurrency"][-1]
+
+
+def plot_data(report: dict, c: int) -> dict[str, dict[str, float]]:
+    """generator -> server -> mean req/s at concurrency c, where measured."""
     out: dict[str, dict[str, float]] = {}
     for generator, (rps, _, _) in GENERATORS.items():
         for name in report["servers"]:
@@ -376,17 +381,19 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = plot_data(report)
+    c = plotted_concurrency(report)
+    data = plot_data(report, c)
     servers = list(report["servers"])
     width = 0.8 / max(len(data), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(servers)), 4.5), dpi=110)
     for i, (generator, by_server) in enumerate(data.items()):
-        xs = [k + (i - (len(data) - 1) / 2) * width for k, name in enumerate(servers) if name in by_server]
-        bars = ax.bar(xs, [by_server[n] for n in servers if n in by_server], width, label=generator)
+        placed = [(k, by_server[name]) for k, name in enumerate(servers) if name in by_server]
+        offset = (i - (len(data) - 1) / 2) * width
+        bars = ax.bar([k + offset for k, _ in placed], [rps for _, rps in placed], width, label=generator)
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(range(len(servers)), servers, fontsize=8)
     ax.set_ylabel("requests/s (batch-1 requests)")
-    ax.set_title(f"{report['model']}, concurrency {report['concurrency'][-1]}: "
+    ax.set_title(f"{report['model']}, concurrency {c}: "
                  f"{report['machine']['nproc']} x {report['machine']['cpu_model']}, {report['date'][:10]}", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
