@@ -178,6 +178,16 @@ def test_serve_infer_models_and_sigterm(workdir, serve_factory):
     assert rows["mlp"][1:3] == ["1", "READY"], result.stdout
     assert rows["digits"][1:3] == ["1", "READY"], result.stdout
 
+    # a reader that goes away (`kiln infer mlp | head -1`) ends it quietly, without a traceback
+    piped = subprocess.Popen(
+        [sys.executable, "-m", "server", "infer", "mlp", "--url", url], cwd=workdir, env=kiln_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    piped.stdout.close()  # before the child can have printed: it is still importing
+    err = piped.stderr.read().decode()
+    assert piped.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
     result = kiln("infer", "nosuch", "--url", url, cwd=workdir)
     assert result.returncode != 0
     assert "NOT_FOUND" in result.stderr
