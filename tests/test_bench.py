@@ -104,6 +104,26 @@ def test_in_process_ceiling(tmp_path):
     assert report["config"]["parameters"].get("intra_op_thread_count") == "1"  # the model's own options
 
 
+def test_failed_calls_are_counted_by_status_with_the_servers_reason(tmp_path):
+    """A batch over the model's max_batch_size: every call fails, and the report says why, not only how often."""
+    from conftest import BUNDLED_REPO, RunningServer
+
+    server = RunningServer(ServerSettings(model_repository=BUNDLED_REPO, grpc_port=0, metrics_port=None, grace_period_s=2.0))
+    try:
+        proc = _kiln(
+            "bench", "mlp", "--url", server.url, "--batch-size", "65", "--concurrency", "2",
+            "--duration", "0.5", "--warmup", "0.1", "--json", str(tmp_path / "report.json"),
+        )
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    step = json.loads((tmp_path / "report.json").read_text())["steps"][0]
+    assert step["sent"] > 0 and step["ok"] == 0
+    assert step["errors"] == {"INVALID_ARGUMENT": step["sent"]}
+    assert "max_batch_size 64" in step["error_examples"]["INVALID_ARGUMENT"]
+    assert "INVALID_ARGUMENT, e.g.:" in proc.stdout and "max_batch_size 64" in proc.stdout
+
+
 def test_bad_arguments_say_what_is_wrong():
     proc = _kiln("bench", "mlp", "--url", "127.0.0.1:1", "--duration", "9999")
     assert proc.returncode == 2 and "--duration" in proc.stderr

@@ -122,11 +122,19 @@ def table_row(step: dict) -> str:
     return " ".join(cell.rjust(width) for cell, (_, width) in zip(cells, TABLE_COLUMNS))
 
 
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def step_notes(step: dict) -> list[str]:
     """Lines printed under a row: errors by status, and an unsustained offered rate."""
     notes = []
     if step["errors"]:
         notes.append("  errors: " + ", ".join(f"{code} {n}" for code, n in sorted(step["errors"].items())))
+        for code, details in sorted(step.get("error_examples", {}).items()):
+            if details:
+                notes.append(f"    {code}, e.g.: {_one_line(details)}")
     if step["mode"] == "open" and step["rate_sustained"] is False:
         notes.append(
             f"  ! offered rate {step['offered_rps']:g} req/s NOT sustained: {step['open_loop']['reason']}"

@@ -165,9 +165,11 @@ def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResu
     duration = measure_end - measure_start
     latencies = np.concatenate([r.latencies_s for r in results]) if results else np.empty(0)
     errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for r in results:
         for code, n in r.errors.items():
             errors[code] = errors.get(code, 0) + n
+            examples.setdefault(code, r.error_examples.get(code, ""))
     sent = sum(r.sent for r in results)
     ok = sum(r.ok for r in results)
     error_count = sum(errors.values())
@@ -183,6 +185,7 @@ def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResu
         "ok": ok,
         "error_count": error_count,
         "errors": dict(sorted(errors.items())),
+        "error_examples": dict(sorted(examples.items())),  # the first details seen per status
         "throughput_rps": ok / duration,
         "throughput_items_per_s": ok * cfg.batch_size / duration,
         "latency_ms": rp.latency_summary(latencies),

@@ -47,6 +47,7 @@ class StepResult:
     sent: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)  # status -> the first call's details
     response_bytes: int = 0
     scheduled: int = 0  # open loop: arrivals in the window
     unsent: int = 0  # open loop: arrivals of the window never sent (in-flight cap or client too slow)
@@ -68,6 +69,7 @@ class _Recorder:
         self.sent = 0
         self.ok = 0
         self.errors: dict[str, int] = {}
+        self.error_examples: dict[str, str] = {}
         self.response_bytes = 0
         self.last_completion = 0.0
         self._progress = progress
@@ -77,30 +79,33 @@ class _Recorder:
         if code is None and self.window[0] <= finished < self.window[1]:
             self.answered_in_window += 1
 
-    def done(self, latency_s: float, finished: float, code: str | None, length: int) -> None:
+    def done(self, latency_s: float, finished: float, code: str | None, answer: int | str) -> None:
+        """`answer`: as `_call` returns it, the response's length or the error's details."""
         if code is None:
             self.ok += 1
             self.latencies.append(latency_s)
-            self.response_bytes += length
+            self.response_bytes += answer
         else:
             self.errors[code] = self.errors.get(code, 0) + 1
+            self.error_examples.setdefault(code, str(answer))
         if finished > self.last_completion:
             self.last_completion = finished
         if self._progress is not None:
             self._progress[self._index] += 1
 
 
-async def _call(call, request: bytes, timeout: float) -> tuple[str | None, int]:
+async def _call(call, request: bytes, timeout: float) -> tuple[str | None, int | str]:
+    """(None, response length) on success, else (status name, the error's details)."""
     import grpc
 
     try:
         response = await call(request, timeout=timeout)
     except grpc.aio.AioRpcError as exc:
-        return exc.code().name, 0
+        return exc.code().name, exc.details() or ""
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a client-side failure is an error of the step, not of the tool
-        return f"CLIENT_{type(exc).__name__}", 0
+        return f"CLIENT_{type(exc).__name__}", str(exc)
     return None, len(response)
 
 
@@ -118,13 +123,13 @@ async def _closed_loop(spec: StepSpec, calls, requests: list[bytes], rec: _Recor
             sent = time.monotonic()
             if sent >= spec.measure_end:
                 return
-            code, length = await _call(call, requests[i % len(requests)], spec.timeout_s)
+            code, answer = await _call(call, requests[i % len(requests)], spec.timeout_s)
             finished = time.monotonic()
             rec.answered(finished, code)
             i += 1
             if sent >= spec.measure_start:
                 rec.sent += 1
-                rec.done(finished - sent, finished, code, length)
+                rec.done(finished - sent, finished, code, answer)
 
     await _sleep_until(spec.start_at)
     await asyncio.gather(*(user(k) for k in range(spec.concurrency)))
@@ -162,15 +167,15 @@ async def _open_loop(spec: StepSpec, calls, requests: list[bytes], rec: _Recorde
         counted = k >= first_counted
         try:
             sent = time.monotonic()
-            code, length = await _call(calls[k % len(calls)], requests[k % len(requests)], spec.timeout_s)
+            code, answer = await _call(calls[k % len(calls)], requests[k % len(requests)], spec.timeout_s)
             finished = time.monotonic()
             rec.answered(finished, code)
             if counted:
                 rec.lags.append(sent - scheduled)
-                rec.done(finished - scheduled, finished, code, length)
+                rec.done(finished - scheduled, finished, code, answer)
         except asyncio.CancelledError:
             if counted:
-                rec.done(0.0, time.monotonic(), "CLIENT_CANCELLED", 0)
+                rec.done(0.0, time.monotonic(), "CLIENT_CANCELLED", "cancelled when the step ended")
             raise
         finally:
             inflight -= 1
@@ -246,6 +251,7 @@ async def run_step(spec: StepSpec, calls, requests: list[bytes], worker: int, pr
     result.sent = rec.sent
     result.ok = rec.ok
     result.errors = rec.errors
+    result.error_examples = rec.error_examples
     result.response_bytes = rec.response_bytes
     result.last_completion = rec.last_completion
     result.answered_in_window = rec.answered_in_window
