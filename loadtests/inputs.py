@@ -16,7 +16,7 @@ from server.client import build_request, random_input
 from server.datatypes import NUMPY_DTYPES
 from server.protocol import grpc_service_pb2 as pb
 
-__all__ = ["parse_assignments", "parse_dims", "input_shape", "make_arrays", "make_requests", "fetch_metadata"]
+__all__ = ["parse_assignments", "parse_dims", "input_shape", "make_arrays", "make_requests", "request_rows", "fetch_metadata"]
 
 
 def parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
@@ -81,10 +81,35 @@ def make_arrays(
             if expected is not None and expected.kind != "O" and array.dtype != expected:
                 array = array.astype(expected)
             arrays[tensor.name] = array
-        else:
+    batch_size = _rows_of_files(metadata, arrays) or batch_size  # random inputs match the files' rows
+    for tensor in metadata.inputs:
+        if tensor.name not in arrays:
             shape = input_shape(list(tensor.shape), batch_size, shapes.get(tensor.name))
             arrays[tensor.name] = random_input(tensor.datatype, shape, rng)
-    return arrays
+    return {t.name: arrays[t.name] for t in metadata.inputs}
+
+
+def _batched(tensor) -> bool:
+    return len(tensor.shape) > 0 and tensor.shape[0] == -1
+
+
+def _rows_of_files(metadata: pb.ModelMetadataResponse, loaded: Mapping[str, np.ndarray]) -> int | None:
+    """The batch size the loaded arrays of batched inputs agree on (None when there are none)."""
+    rows = {
+        t.name: loaded[t.name].shape[0] for t in metadata.inputs if _batched(t) and t.name in loaded and loaded[t.name].ndim
+    }
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"the .npy files disagree on the batch size (rows per input: {rows})")
+    return next(iter(rows.values()), None)
+
+
+def request_rows(metadata: pb.ModelMetadataResponse, request: pb.ModelInferRequest) -> int:
+    """Items one request carries: its batch dim where the model has one, else 1."""
+    sent = {t.name: list(t.shape) for t in request.inputs}
+    for tensor in metadata.inputs:
+        if _batched(tensor) and sent.get(tensor.name):
+            return int(sent[tensor.name][0])
+    return 1
 
 
 def make_requests(

@@ -124,6 +124,29 @@ def test_failed_calls_are_counted_by_status_with_the_servers_reason(tmp_path):
     assert "INVALID_ARGUMENT, e.g.:" in proc.stdout and "max_batch_size 64" in proc.stdout
 
 
+def test_rows_from_an_npy_file_count_as_items(tmp_path):
+    from conftest import BUNDLED_REPO, RunningServer
+
+    np.save(tmp_path / "x.npy", np.ones((3, 256), np.float32))
+    server = RunningServer(ServerSettings(model_repository=BUNDLED_REPO, grpc_port=0, metrics_port=None, grace_period_s=2.0))
+    try:
+        proc = _kiln(
+            "bench", "mlp", "--url", server.url, "--input", f"x={tmp_path / 'x.npy'}", "--concurrency", "1",
+            "--duration", "0.5", "--warmup", "0.1", "--json", str(tmp_path / "report.json"),
+        )
+        mismatch = _kiln("bench", "mlp", "--url", server.url, "--input", f"x={tmp_path / 'x.npy'}", "--batch-size", "4")
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    step = report["steps"][0]
+    assert step["ok"] > 0 and step["error_count"] == 0
+    assert report["config"]["batch_size"] == step["batch_size"] == 3
+    assert step["throughput_items_per_s"] == pytest.approx(3 * step["throughput_rps"])
+    assert step["server"]["avg_batch"] == pytest.approx(3.0)
+    assert mismatch.returncode == 2 and "--batch-size 4 does not match the 3 row(s)" in mismatch.stderr
+
+
 def test_bad_arguments_say_what_is_wrong():
     proc = _kiln("bench", "mlp", "--url", "127.0.0.1:1", "--duration", "9999")
     assert proc.returncode == 2 and "--duration" in proc.stderr

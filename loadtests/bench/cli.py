@@ -58,7 +58,7 @@ def build_parser(prog: str = "kiln bench") -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=0, help="gRPC channels in all, spread over the processes (default: one per process)")
     p.add_argument("--max-inflight", type=int, default=1000, help="open loop: most outstanding requests over all processes (default: 1000)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request deadline (default: 30)")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input tensor from a .npy file (repeatable)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input tensor from a .npy file (repeatable); its rows set the batch size")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D,D", help="non-batch dims of an input with dynamic dims (repeatable)")
     p.add_argument("--no-server-stats", action="store_true", help="do not read ModelStatistics (servers without that RPC)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and arrivals (default: 0)")

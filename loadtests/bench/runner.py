@@ -7,7 +7,7 @@ import multiprocessing as mp
 import queue
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TextIO
 
 import grpc
@@ -16,7 +16,7 @@ import numpy as np
 from loadtests.bench import report as rp
 from loadtests.bench.progress import ProgressBar
 from loadtests.bench.worker import StepResult, StepSpec, worker_main
-from loadtests.inputs import fetch_metadata, make_requests
+from loadtests.inputs import fetch_metadata, make_requests, request_rows
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 
@@ -245,6 +245,10 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
             )
         except (ValueError, OSError) as exc:
             raise BenchError(str(exc)) from None
+        rows = request_rows(metadata, requests[0])  # .npy files set the rows; items/s counts what is sent
+        if cfg.input_files and cfg.batch_size not in (1, rows):
+            raise BenchError(f"--batch-size {cfg.batch_size} does not match the {rows} row(s) per request of the .npy files")
+        cfg = replace(cfg, batch_size=rows)
         payloads = [r.SerializeToString() for r in requests]
         steps_plan = [("closed", float(c)) for c in cfg.concurrency] + [("open", float(r)) for r in cfg.rates]
         report: dict = {
