@@ -21,6 +21,7 @@ Options (flag, or environment variable):
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ except ImportError:  # locust -f path/to/locustfile.py from elsewhere
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MAX_MESSAGE = 256 * 1024 * 1024
+log = logging.getLogger("kiln.locust")
 
 
 class GrpcStatusError(Exception):
@@ -112,12 +114,16 @@ class KilnGrpcUser(User):
             ],
         )
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.next = 0
         try:
             self.requests = _requests_for(self.stub, options)
         except grpc.RpcError as exc:
-            self._report(0.0, 0, GrpcStatusError(exc.code(), f"ModelMetadata: {exc.details()}"))
-            raise StopUser() from None
-        self.next = 0
+            # reported as a failed call; the user stops at its first task (a StopUser raised here
+            # would make locust log a bare traceback per user)
+            error = GrpcStatusError(exc.code(), f"ModelMetadata: {exc.details()}")
+            self._report(0.0, 0, error)
+            log.error("user stops: %s", error)
+            self.requests = None
 
     def on_stop(self) -> None:
         channel = getattr(self, "channel", None)
@@ -136,6 +142,8 @@ class KilnGrpcUser(User):
 
     @task
     def infer(self) -> None:
+        if self.requests is None:
+            raise StopUser()
         request = self.requests[self.next % len(self.requests)]
         self.next += 1
         started = time.perf_counter()

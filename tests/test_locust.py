@@ -64,3 +64,14 @@ def test_locust_reports_failures_by_grpc_status(start_server, bundled_repo, tmp_
     with open(f"{tmp_path / 'bad'}_failures.csv", newline="") as f:
         errors = [row["Error"] for row in csv.DictReader(f)]
     assert errors and all("INVALID_ARGUMENT" in e for e in errors), errors
+
+
+def test_an_unknown_model_fails_each_user_once_and_says_why(start_server, bundled_repo, tmp_path):
+    server = start_server(bundled_repo)
+    proc, rows = _run_locust(server.url, tmp_path / "unknown", "-t", "2s", "--model", "nosuch")
+    assert proc.returncode == 1
+    assert rows["nosuch"]["Failure Count"] == rows["nosuch"]["Request Count"] == "4"  # one per user, then it stops
+    with open(f"{tmp_path / 'unknown'}_failures.csv", newline="") as f:
+        errors = [row["Error"] for row in csv.DictReader(f)]
+    assert errors and all("NOT_FOUND: ModelMetadata: unknown model 'nosuch'" in e for e in errors), errors
+    assert "user stops: NOT_FOUND" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
