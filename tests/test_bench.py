@@ -113,6 +113,7 @@ def test_failed_calls_are_counted_by_status_with_the_servers_reason(tmp_path):
         proc = _kiln(
             "bench", "mlp", "--url", server.url, "--batch-size", "65", "--concurrency", "2",
             "--duration", "0.5", "--warmup", "0.1", "--json", str(tmp_path / "report.json"),
+            "--plot", str(tmp_path / "report.png"),
         )
     finally:
         server.stop()
@@ -122,6 +123,8 @@ def test_failed_calls_are_counted_by_status_with_the_servers_reason(tmp_path):
     assert step["errors"] == {"INVALID_ARGUMENT": step["sent"]}
     assert "max_batch_size 64" in step["error_examples"]["INVALID_ARGUMENT"]
     assert "INVALID_ARGUMENT, e.g.:" in proc.stdout and "max_batch_size 64" in proc.stdout
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Warning" not in proc.stderr, proc.stderr  # nothing to plot is said on the plot, not warned about
 
 
 def test_rows_from_an_npy_file_count_as_items(tmp_path):

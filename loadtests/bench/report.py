@@ -161,10 +161,12 @@ def write_plot(report: dict, path: Path) -> None:
     markers = {"closed": "o", "open": "s"}
     styles = {"p50": "-", "p90": "--", "p99": "-.", "p999": ":"}
     colors = {"p50": "tab:blue", "p90": "tab:green", "p99": "tab:orange", "p999": "tab:red"}
+    plotted = False
     for mode in ("closed", "open"):
         steps = [s for s in report["steps"] if s["mode"] == mode and s["latency_ms"]["p50"] is not None]
         if not steps:
             continue
+        plotted = True
         x = [s["throughput_rps"] * report["config"]["batch_size"] for s in steps]
         for name, _ in PERCENTILES:
             ax.plot(
@@ -174,12 +176,15 @@ def write_plot(report: dict, path: Path) -> None:
         for s, xi in zip(steps, x):
             ax.annotate(step_label(s), (xi, s["latency_ms"]["p50"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
     cfg = report["config"]
-    ax.set_yscale("log")
+    if plotted:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    else:  # every call failed: say so rather than draw empty axes
+        ax.text(0.5, 0.5, "no successful calls: see the errors in the report", transform=ax.transAxes, ha="center")
     ax.set_xlabel(f"throughput (items/s, batch size {cfg['batch_size']})")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"kiln bench: {cfg['model']} @ {cfg['url']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
