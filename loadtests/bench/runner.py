@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -15,7 +16,7 @@ import numpy as np
 
 from loadtests.bench import report as rp
 from loadtests.bench.progress import ProgressBar
-from loadtests.bench.worker import StepResult, StepSpec, worker_main
+from loadtests.bench.worker import StepResult, StepSpec, client_experiments, worker_main
 from loadtests.inputs import fetch_metadata, make_requests, request_rows
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
@@ -107,9 +108,18 @@ class _Workers:
             )
             for i in range(self.count)
         ]
-        for proc in self.procs:
-            proc.start()
+        saved = os.environ.get("GRPC_EXPERIMENTS")
+        os.environ["GRPC_EXPERIMENTS"] = client_experiments(saved or "")  # a spawned child's environment
+        try:
+            for proc in self.procs:
+                proc.start()
+        finally:
+            if saved is None:
+                del os.environ["GRPC_EXPERIMENTS"]
+            else:
+                os.environ["GRPC_EXPERIMENTS"] = saved
         self.connections = connections
+        self.grpc_experiments = ""
         ready = 0
         deadline = time.monotonic() + 60
         while ready < self.count:
@@ -117,6 +127,7 @@ class _Workers:
             if kind == "error":
                 self.close()
                 raise BenchError(f"worker {worker}: {payload}")
+            self.grpc_experiments = payload
             ready += 1
 
     def _get(self, deadline: float):
@@ -197,6 +208,7 @@ def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResu
             "cpu_s": cpu_s,
             "cpu_cores": cpu_s / wall_s if wall_s > 0 else None,
             "machine_cpu_share": (cpu_s / wall_s / (rp.machine_info()["nproc"] or 1)) if wall_s > 0 else None,
+            "grpc_experiments": workers.grpc_experiments,  # as the workers ran with it
         },
         "server": rp.server_delta(before, after),
     }
