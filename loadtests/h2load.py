@@ -4,7 +4,7 @@
 
 Why a third generator beside `kiln bench` and perf_analyzer: on a 2-core machine the
 generator's CPU is taken from the server it measures. `kiln bench` (Python gRPC) needs
-~0.6 of a core for 2.7k calls/s; h2load needs ~0.1 for 3-4k, so what it measures is
+~0.5 of a core for 2.7k calls/s; h2load needs ~0.1 for 3-4k, so what it measures is
 closest to what the server alone can do.
 
 h2load speaks HTTP/2, not gRPC: every call POSTs the same body (the 5-byte gRPC frame
