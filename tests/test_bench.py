@@ -60,12 +60,6 @@ def test_every_step_accounts_for_its_requests(sweep):
         assert "-event_engine_client" in step["client"]["grpc_experiments"].split(",")  # set in the worker process
 
 
-def test_client_experiments_keep_the_callers_choice():
-    from loadtests.bench.worker import client_experiments
-
-    assert client_experiments("") == "-event_engine_client"
-    assert client_experiments("tcp_frame_size_tuning") == "tcp_frame_size_tuning,-event_engine_client"
-    assert client_experiments("event_engine_client") == "event_engine_client"  # asked for: kept on
 
 
 def test_closed_loop_percentiles_throughput_and_server_stats(sweep):

@@ -22,10 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
-# grpc-core's older (iomgr) client endpoints cost ~20-30% less client CPU per call here than its
-# EventEngine ones; on a machine the client shares with the server, that CPU goes to the server
-# (docs/BENCHMARKS.md, "kiln bench on grpc's iomgr client path")
-CLIENT_EXPERIMENT = "-event_engine_client"
 MAX_MESSAGE = 256 * 1024 * 1024
 # open loop: an arrival scheduled before the window's end may still be sent this long after it
 # (the timer thread hands arrivals over a little late); after that, what is left counts as unsent
@@ -307,14 +303,6 @@ async def _serve(worker: int, url: str, requests: list[bytes], connections: int,
     finally:
         for ch in channels:
             await ch.close()
-
-
-def client_experiments(current: str) -> str:
-    """GRPC_EXPERIMENTS for a worker: the caller's, plus CLIENT_EXPERIMENT unless it names that experiment."""
-    names = [n.strip() for n in current.split(",") if n.strip()]
-    if any(n.lstrip("-") == CLIENT_EXPERIMENT.lstrip("-") for n in names):
-        return ",".join(names)
-    return ",".join([*names, CLIENT_EXPERIMENT])
 
 
 def worker_main(worker: int, url: str, requests: list[bytes], connections: int, tasks, results, progress) -> None:

@@ -1,0 +1,28 @@
+"""grpc-core experiments kiln turns off, through GRPC_EXPERIMENTS, before grpc is first imported.
+
+grpc-core reads GRPC_EXPERIMENTS once, when the grpc module is loaded: a later change has no
+effect, so server/__init__.py applies this before any kiln module imports grpc. grpc-core now runs
+connections on its EventEngine endpoints; its older posix (iomgr) endpoints cost less CPU per call
+on this Python server (mlp, one process: 1.08-1.12x the calls/s at c=16, 1.18x at c=1) and on
+kiln bench's client (docs/BENCHMARKS.md, "grpc's iomgr endpoints"). An experiment the operator's
+GRPC_EXPERIMENTS already names, on or off, stays as they set it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, MutableMapping
+
+SERVER_EXPERIMENTS = ("-event_engine_listener", "-event_engine_for_all_other_endpoints")
+CLIENT_EXPERIMENTS = ("-event_engine_client",)
+
+
+def merged(current: str, wanted: Iterable[str]) -> str:
+    """`current` (a GRPC_EXPERIMENTS value) plus each of `wanted` whose experiment it does not name."""
+    names = [n.strip() for n in current.split(",") if n.strip()]
+    named = {n.lstrip("-") for n in names}
+    return ",".join(names + [w for w in wanted if w.lstrip("-") not in named])
+
+
+def apply(wanted: Iterable[str] = SERVER_EXPERIMENTS, environ: MutableMapping[str, str] = os.environ) -> None:
+    environ["GRPC_EXPERIMENTS"] = merged(environ.get("GRPC_EXPERIMENTS", ""), wanted)
