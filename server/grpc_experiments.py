@@ -24,5 +24,18 @@ def merged(current: str, wanted: Iterable[str]) -> str:
     return ",".join(names + [w for w in wanted if w.lstrip("-") not in named])
 
 
+_operators_value: str | None = os.environ.get("GRPC_EXPERIMENTS")  # before apply() changes it
+
+
 def apply(wanted: Iterable[str] = SERVER_EXPERIMENTS, environ: MutableMapping[str, str] = os.environ) -> None:
     environ["GRPC_EXPERIMENTS"] = merged(environ.get("GRPC_EXPERIMENTS", ""), wanted)
+
+
+def operators_environment() -> dict[str, str]:
+    """This process's environment with GRPC_EXPERIMENTS as the operator set it: for programs that are
+    not kiln (peer servers, perf_analyzer), which must run with their own defaults."""
+    env = dict(os.environ)
+    env.pop("GRPC_EXPERIMENTS", None)
+    if _operators_value is not None:
+        env["GRPC_EXPERIMENTS"] = _operators_value
+    return env

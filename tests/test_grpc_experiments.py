@@ -34,3 +34,16 @@ def test_importing_kiln_sets_them_before_grpc_loads_and_keeps_the_operators():
     assert _environment_seen_by_grpc({"GRPC_EXPERIMENTS": "event_engine_listener"}) == (
         "event_engine_listener,-event_engine_for_all_other_endpoints"
     )
+
+
+def test_programs_that_are_not_kiln_get_the_operators_value():
+    code = (
+        "import server.grpc_experiments as g; env = g.operators_environment(); "
+        "print(env.get('GRPC_EXPERIMENTS', '<unset>'))"
+    )
+    for given, expected in ((None, "<unset>"), ("tcp_frame_size_tuning", "tcp_frame_size_tuning")):
+        env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"} | {"PYTHONPATH": str(REPO_ROOT)}
+        if given is not None:
+            env["GRPC_EXPERIMENTS"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected

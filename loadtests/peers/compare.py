@@ -49,6 +49,7 @@ from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
 from loadtests import h2load  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.readiness import wait_ready  # noqa: E402
+from server import grpc_experiments  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VENVS = HERE / ".venvs"
@@ -130,7 +131,7 @@ def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_
     exe = Path(sys.executable).with_name("perf_analyzer")
     if not exe.exists():
         return {"error": "perf_analyzer not found (tritonclient wheel)"}
-    env = dict(os.environ)
+    env = grpc_experiments.operators_environment()  # perf_analyzer's grpc with its own defaults
     lib = cudart_dir()
     if lib is not None:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p)
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         "tool": "loadtests/peers/compare.py", "argv": sys.argv, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": rp.machine_info(), "model": args.model, "concurrency": concurrency, "servers": {},
     }
+    # kiln sets its grpc experiments itself when it starts (server/grpc_experiments.py); the peers
+    # get the operator's environment, not the one importing kiln here gave this process
+    server_env = grpc_experiments.operators_environment()
     with tempfile.TemporaryDirectory(prefix="kiln-peers-") as tmp:
         repo = Path(tmp) / "repo"
         shutil.copytree(source, repo / args.model)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"=== round {rnd + 1}/{args.rounds}: {name} (load {os.getloadavg()[0]:.1f})", flush=True)
                 with open(log_path, "w") as log:
                     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                            env=dict(os.environ, **extra_env), start_new_session=True)
+                                            env=dict(server_env, **extra_env), start_new_session=True)
                 entry = report["servers"].setdefault(name, {"command": " ".join(cmd), "rounds": []})
                 this: dict = {"bench": {}, "perf_analyzer": {}, "h2load": {}, "loadavg": os.getloadavg()[0]}
                 entry["rounds"].append(this)
