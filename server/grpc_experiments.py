@@ -3,9 +3,10 @@
 grpc-core reads GRPC_EXPERIMENTS once, when the grpc module is loaded: a later change has no
 effect, so server/__init__.py applies this before any kiln module imports grpc. grpc-core now runs
 connections on its EventEngine endpoints; its older posix (iomgr) endpoints cost less CPU per call
-on this Python server (mlp, one process: 1.08-1.12x the calls/s at c=16, 1.18x at c=1) and on
-kiln bench's client (docs/BENCHMARKS.md, "grpc's iomgr endpoints"). An experiment the operator's
-GRPC_EXPERIMENTS already names, on or off, stays as they set it.
+on this Python server (mlp on 2 cores: p50 of a lone call ~0.1 ms lower, 1.0-1.1x the calls/s at
+c=16) and on kiln bench's client (docs/BENCHMARKS.md, "grpc's iomgr server endpoints" and "kiln
+bench on grpc's iomgr client path"). An experiment the operator's GRPC_EXPERIMENTS already names,
+on or off, stays as they set it.
 """
 
 from __future__ import annotations
