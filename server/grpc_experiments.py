@@ -12,7 +12,8 @@ on or off, stays as they set it.
 from __future__ import annotations
 
 import os
-from typing import Iterable, MutableMapping
+from contextlib import contextmanager
+from typing import Iterable, Iterator, MutableMapping
 
 SERVER_EXPERIMENTS = ("-event_engine_listener", "-event_engine_for_all_other_endpoints")
 CLIENT_EXPERIMENTS = ("-event_engine_client",)
@@ -30,6 +31,21 @@ _operators_value: str | None = os.environ.get("GRPC_EXPERIMENTS")  # before appl
 
 def apply(wanted: Iterable[str] = SERVER_EXPERIMENTS, environ: MutableMapping[str, str] = os.environ) -> None:
     environ["GRPC_EXPERIMENTS"] = merged(environ.get("GRPC_EXPERIMENTS", ""), wanted)
+
+
+@contextmanager
+def added(wanted: Iterable[str]) -> Iterator[None]:
+    """GRPC_EXPERIMENTS with `wanted` merged in, for child processes started inside the block
+    (multiprocessing's spawn passes no environment of its own); the old value comes back after."""
+    saved = os.environ.get("GRPC_EXPERIMENTS")
+    os.environ["GRPC_EXPERIMENTS"] = merged(saved or "", wanted)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["GRPC_EXPERIMENTS"]
+        else:
+            os.environ["GRPC_EXPERIMENTS"] = saved
 
 
 def operators_environment() -> dict[str, str]:

@@ -47,3 +47,16 @@ def test_programs_that_are_not_kiln_get_the_operators_value():
             env["GRPC_EXPERIMENTS"] = given
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
         assert out.strip() == expected
+
+
+def test_added_merges_for_the_block_and_restores_after(monkeypatch):
+    from server.grpc_experiments import added
+
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "tcp_frame_size_tuning")
+    with added(CLIENT_EXPERIMENTS):
+        assert os.environ["GRPC_EXPERIMENTS"] == "tcp_frame_size_tuning,-event_engine_client"
+    assert os.environ["GRPC_EXPERIMENTS"] == "tcp_frame_size_tuning"
+    monkeypatch.delenv("GRPC_EXPERIMENTS")
+    with added(CLIENT_EXPERIMENTS):
+        assert os.environ["GRPC_EXPERIMENTS"] == "-event_engine_client"
+    assert "GRPC_EXPERIMENTS" not in os.environ
