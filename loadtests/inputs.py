@@ -55,8 +55,8 @@ def input_shape(declared: list[int], batch_size: int, override: list[int] | None
     return [batch_size if (i == 0 and d == -1) else (d if d > 0 else 1) for i, d in enumerate(declared)]
 
 
-def fetch_metadata(stub, model: str, version: str = "", timeout: float = 10.0) -> pb.ModelMetadataResponse:
-    return stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout)
+def fetch_metadata(stub, model: str, version: str = "", timeout: float = 10.0, metadata=()) -> pb.ModelMetadataResponse:
+    return stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout, metadata=metadata)
 
 
 def make_arrays(

@@ -17,6 +17,12 @@ Options (flag, or environment variable):
   --data NAME=FILE.npy    KILN_DATA            request input from a .npy file (';'-separated for several)
   --grpc-timeout SECONDS  KILN_GRPC_TIMEOUT    per-call deadline (default: 30)
   --think-time SECONDS    KILN_THINK_TIME      pause between a user's calls (default: 0)
+  --grpc-tls              KILN_TLS             connect with TLS (also implied by --host https://...)
+  --grpc-tls-ca PEM       KILN_TLS_CA          CA certificate to trust (default with TLS: the system's)
+  --grpc-tls-cert PEM     KILN_TLS_CERT        client certificate, for mutual TLS (with --grpc-tls-key)
+  --grpc-tls-key PEM      KILN_TLS_KEY         the client certificate's private key
+  --grpc-token-file FILE  KILN_TOKEN_FILE      bearer token sent with every call
+(locust's own --tls-cert/--tls-key are for its web UI.)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ try:  # installed (pip install kiln-serve[dev]) or run from the repository root
 except ImportError:  # locust -f path/to/locustfile.py from elsewhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from loadtests.inputs import fetch_metadata, make_requests, parse_assignments, parse_dims
+from server.channels import ClientSecurity  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -66,6 +73,11 @@ def _add_arguments(parser) -> None:
     group.add_argument("--data", env_var="KILN_DATA", default="", help="inputs from .npy files: 'NAME=FILE.npy;NAME2=FILE2.npy'")
     group.add_argument("--grpc-timeout", env_var="KILN_GRPC_TIMEOUT", type=float, default=30.0, help="per-call deadline in seconds (default: 30)")
     group.add_argument("--think-time", env_var="KILN_THINK_TIME", type=float, default=0.0, help="pause between calls in seconds (default: 0)")
+    group.add_argument("--grpc-tls", env_var="KILN_TLS", action="store_true", help="connect with TLS (also implied by --host https://...)")
+    group.add_argument("--grpc-tls-ca", env_var="KILN_TLS_CA", default=None, help="CA certificate to trust (default with TLS: the system's)")
+    group.add_argument("--grpc-tls-cert", env_var="KILN_TLS_CERT", default=None, help="client certificate for mutual TLS (with --grpc-tls-key)")
+    group.add_argument("--grpc-tls-key", env_var="KILN_TLS_KEY", default=None, help="the client certificate's private key")
+    group.add_argument("--grpc-token-file", env_var="KILN_TOKEN_FILE", default=None, help="bearer token sent with every call")
 
 
 def _target(host: str | None) -> str:
@@ -82,16 +94,27 @@ def _split(text: str) -> list[str]:
 
 
 _REQUESTS: dict[tuple, list] = {}  # built once per process and reused by every user
+_SECURITY: dict[tuple, ClientSecurity] = {}
 
 
-def _requests_for(stub, options):
+def _security_for(options, host: str | None) -> ClientSecurity:
+    """TLS and token files, read once per process; ValueError/OSError when unusable."""
+    tls = bool(options.grpc_tls) or (host or "").startswith("https://")
+    key = (tls, options.grpc_tls_ca, options.grpc_tls_cert, options.grpc_tls_key, options.grpc_token_file)
+    if key not in _SECURITY:
+        paths = [Path(p) if p else None for p in key[1:]]
+        _SECURITY[key] = ClientSecurity.from_files(tls, *paths)
+    return _SECURITY[key]
+
+
+def _requests_for(stub, options, metadata):
     key = (options.model, options.model_version, options.batch_size, options.input_shape, options.data)
     if key not in _REQUESTS:
-        metadata = fetch_metadata(stub, options.model, options.model_version)
+        model = fetch_metadata(stub, options.model, options.model_version, metadata=metadata)
         shapes = {name: parse_dims(dims) for name, dims in parse_assignments(_split(options.input_shape), "--input-shape").items()}
         files = parse_assignments(_split(options.data), "--data")
         _REQUESTS[key] = make_requests(
-            metadata, options.batch_size, version=options.model_version, files=files, shapes=shapes
+            model, options.batch_size, version=options.model_version, files=files, shapes=shapes
         )
     return _REQUESTS[key]
 
@@ -106,7 +129,18 @@ class KilnGrpcUser(User):
         self.model = options.model
         self.timeout = options.grpc_timeout
         self.think_time = options.think_time
-        self.channel = grpc.insecure_channel(
+        self.channel = None
+        self.requests = None
+        self.next = 0
+        # a failure here is reported as a failed call and the user stops at its first task (a
+        # StopUser raised here would make locust log a bare traceback per user)
+        try:
+            security = _security_for(options, self.host)
+        except (OSError, ValueError) as exc:
+            self._stop_with(exc)
+            return
+        self.metadata = security.metadata
+        self.channel = security.channel(
             _target(self.host),
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -114,21 +148,18 @@ class KilnGrpcUser(User):
             ],
         )
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self.next = 0
         try:
-            self.requests = _requests_for(self.stub, options)
+            self.requests = _requests_for(self.stub, options, self.metadata)
         except grpc.RpcError as exc:
-            # reported as a failed call; the user stops at its first task (a StopUser raised here
-            # would make locust log a bare traceback per user)
-            error = GrpcStatusError(exc.code(), f"ModelMetadata: {exc.details()}")
-            self._report(0.0, 0, error)
-            log.error("user stops: %s", error)
-            self.requests = None
+            self._stop_with(GrpcStatusError(exc.code(), f"ModelMetadata: {exc.details()}"))
+
+    def _stop_with(self, error: Exception) -> None:
+        self._report(0.0, 0, error)
+        log.error("user stops: %s", error)
 
     def on_stop(self) -> None:
-        channel = getattr(self, "channel", None)
-        if channel is not None:
-            channel.close()
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
 
     def _report(self, elapsed_ms: float, length: int, exception: Exception | None) -> None:
         self.environment.events.request.fire(
@@ -148,7 +179,7 @@ class KilnGrpcUser(User):
         self.next += 1
         started = time.perf_counter()
         try:
-            response = self.stub.ModelInfer(request, timeout=self.timeout)
+            response = self.stub.ModelInfer(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             self._report((time.perf_counter() - started) * 1000.0, 0, GrpcStatusError(exc.code(), exc.details()))
         else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from server import eventloop
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerSettings, auth_interceptors, serve, server_credentials
+from server.channels import add_security_flags
 from server.logs import configure_logging
 from server.metrics import latency_buckets
 from server.repository import ControlMode
@@ -143,10 +144,7 @@ def _add_connection_flags(p) -> None:
     p.add_argument("--round-robin", action="store_true", help="spread calls over every address of --url (client-side balancing)")
     p.add_argument("--retries", type=int, default=0, choices=range(5), metavar="N",
                    help="retry a call answered UNAVAILABLE (or CANCELLED by a closing server) up to N times, with back-off (0-4, default: 0)")
-    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA certificate to trust: connect with TLS")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for a server that requires mutual TLS")
-    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
-    p.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the bearer token to send")
+    add_security_flags(p)
 
 
 def _add_client_commands(sub) -> None:

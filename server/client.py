@@ -8,6 +8,7 @@ import sys
 import grpc
 import numpy as np
 
+from server.channels import ClientSecurity
 from server.codec import serialize_bytes
 from server.datatypes import NUMPY_DTYPES, numpy_to_datatype
 from server.protocol import grpc_service_pb2 as pb
@@ -17,10 +18,10 @@ from server.protocol import grpc_service_pb2_grpc as pb_grpc
 class Connection:
     """A stub plus the call metadata (bearer token) every call carries."""
 
-    def __init__(self, channel: grpc.Channel, token: str | None = None) -> None:
+    def __init__(self, channel: grpc.Channel, metadata=()) -> None:
         self.channel = channel
         self.stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = tuple(metadata)
 
     def call(self, method: str, request, timeout: float):
         return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
@@ -63,25 +64,20 @@ def service_config(retries: int = 0, round_robin: bool = False) -> str:
     return json.dumps(config)
 
 
-def connect(url: str, tls_ca=None, tls_cert=None, tls_key=None, token_file=None,
-            retries: int = 0, round_robin: bool = False) -> Connection:
-    """A connection to a kiln server: plaintext, or TLS when a CA is given (mutual with a cert and key)."""
+def connect(url: str, security: ClientSecurity = ClientSecurity(), retries: int = 0, round_robin: bool = False) -> Connection:
+    """A connection to a kiln server: plaintext, or TLS as `security` says (mutual with a client certificate)."""
     options = [("grpc.service_config", service_config(retries, round_robin)), ("grpc.enable_retries", 1)]
-    if tls_ca is None:
-        channel = grpc.insecure_channel(url, options=options)
-    else:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=tls_ca.read_bytes(),
-            private_key=tls_key.read_bytes() if tls_key else None,
-            certificate_chain=tls_cert.read_bytes() if tls_cert else None,
-        )
-        channel = grpc.secure_channel(url, credentials, options=options)
-    token = token_file.read_text().strip() if token_file else None
-    return Connection(channel, token)
+    return Connection(security.channel(url, options), security.metadata)
 
 
-def _connect(args) -> Connection:
-    return connect(args.url, args.tls_ca, args.tls_cert, args.tls_key, args.token_file, args.retries, args.round_robin)
+def _connect(args, command: str) -> Connection | None:
+    """None (after saying why on stderr) when the TLS or token files are unusable."""
+    try:
+        security = ClientSecurity.from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"kiln {command}: {exc}", file=sys.stderr)
+        return None
+    return connect(args.url, security, args.retries, args.round_robin)
 
 
 def random_input(datatype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -120,7 +116,9 @@ def response_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
 
 
 def infer_command(args) -> int:
-    connection = _connect(args)
+    connection = _connect(args, "infer")
+    if connection is None:
+        return 2
     try:
         meta = connection.call(
             "ModelMetadata", pb.ModelMetadataRequest(name=args.model, version=args.model_version), args.timeout
@@ -149,8 +147,11 @@ def infer_command(args) -> int:
 
 
 def models_command(args) -> int:
+    connection = _connect(args, "models")
+    if connection is None:
+        return 2
     try:
-        index = _connect(args).call("RepositoryIndex", pb.RepositoryIndexRequest(), 10)
+        index = connection.call("RepositoryIndex", pb.RepositoryIndexRequest(), 10)
     except grpc.RpcError as exc:
         print(f"kiln models: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

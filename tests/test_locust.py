@@ -24,8 +24,8 @@ def _locust() -> list[str]:
     pytest.skip("locust is not installed (pip install 'kiln-serve[dev]')")
 
 
-def _run_locust(url: str, prefix: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _run_locust(url: str, prefix: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
+    env = dict(os.environ, **(env or {}), PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [*_locust(), "-f", str(LOCUSTFILE), "--headless", "-u", "4", "-r", "4", "-t", "4s", "--host", url,
          "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", *extra],

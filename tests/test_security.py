@@ -4,6 +4,7 @@ model files are ever loaded (nothing unpickled), and the metrics port binds wher
 
 from __future__ import annotations
 
+import json
 import pickle
 import socket
 import subprocess
@@ -322,3 +323,62 @@ def test_client_commands_speak_tls_and_tokens(pki, repo, start_server, token_fil
     assert "model s version 1" in capsys.readouterr().out
     assert main(["infer", "s", *connection]) == 1  # no token
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_load_tools_speak_tls_and_tokens(pki, repo, start_server, token_files, tmp_path):
+    """`kiln bench` and the locust user load a server that wants mutual TLS and a bearer token; the
+    bench report says what was in use but never holds the token or the key."""
+    from test_bench import _kiln
+    from test_locust import _run_locust
+
+    users, admins = token_files
+    server = start_server(repo, tls_cert=pki / "server.crt", tls_key=pki / "server.key", tls_client_ca=pki / "ca.crt",
+                          auth_token_file=users, admin_token_file=admins)
+    token = tmp_path / "my-token"
+    token.write_text(USER + "\n")
+    tls = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "client.key")]
+    bench = ["bench", "s", "--url", server.url, "--concurrency", "2", "--duration", "0.5", "--warmup", "0.1", "--no-progress"]
+
+    proc = _kiln(*bench, *tls, "--token-file", str(token), "--json", str(tmp_path / "report.json"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (tmp_path / "report.json").read_text()
+    assert USER not in text and "PRIVATE KEY" not in text
+    report = json.loads(text)
+    assert report["config"]["security"] == {"tls": True, "client_certificate": True, "token": True}
+    step = report["steps"][0]
+    assert step["ok"] > 0 and step["errors"] == {}
+    assert step["server"]["success_count"] > 0  # ModelStatistics carried the token too
+
+    no_token = _kiln(*bench, *tls)
+    assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
+    half_pair = _kiln(*bench, "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"))
+    assert half_pair.returncode == 2 and "--tls-key" in half_pair.stderr, half_pair.stderr
+
+    env = {"KILN_TLS_CA": str(pki / "ca.crt"), "KILN_TLS_CERT": str(pki / "client.crt"),
+           "KILN_TLS_KEY": str(pki / "client.key"), "KILN_TOKEN_FILE": str(token)}
+    proc, rows = _run_locust(server.url, tmp_path / "locust", "--model", "s", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert int(rows["s"]["Request Count"]) > 20 and int(rows["s"]["Failure Count"]) == 0, rows["s"]
+    proc, rows = _run_locust(server.url, tmp_path / "locust-plain", "--model", "s")  # plaintext to a TLS port
+    assert int(rows["Aggregated"]["Request Count"]) > 0 and rows["Aggregated"]["Request Count"] == rows["Aggregated"]["Failure Count"]
+
+
+def test_client_security_from_files(pki, tmp_path):
+    from server.channels import ClientSecurity
+
+    assert not ClientSecurity.from_files().tls  # plaintext unless asked
+    assert ClientSecurity.from_files(tls=True).tls and ClientSecurity.from_files(tls=True).ca is None  # system CAs
+    assert ClientSecurity.from_files(tls_ca=pki / "ca.crt").tls
+    # a client certificate means TLS even without --tls-ca (it used to fall back to plaintext)
+    mutual = ClientSecurity.from_files(tls_cert=pki / "client.crt", tls_key=pki / "client.key")
+    assert mutual.tls and mutual.ca is None and mutual.describe() == {"tls": True, "client_certificate": True, "token": False}
+    with pytest.raises(ValueError, match="--tls-key"):
+        ClientSecurity.from_files(tls_ca=pki / "ca.crt", tls_cert=pki / "client.crt")
+    for content in ("", "two tokens\n"):
+        (tmp_path / "t").write_text(content)
+        with pytest.raises(ValueError, match="one bearer token"):
+            ClientSecurity.from_files(token_file=tmp_path / "t")
+    with pytest.raises(OSError):
+        ClientSecurity.from_files(tls_ca=tmp_path / "missing.crt")
+    (tmp_path / "t").write_text(f"  {USER}\n")
+    assert ClientSecurity.from_files(token_file=tmp_path / "t").metadata == (("authorization", f"Bearer {USER}"),)

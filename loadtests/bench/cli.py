@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from server.channels import ClientSecurity, add_security_flags
+
 DESCRIPTION = """\
 Load generator for any model of a running v2 gRPC server (kiln, Triton, ...).
 Reads the model's metadata and sends random valid inputs (or .npy files) with
@@ -48,6 +50,7 @@ def build_parser(prog: str = "kiln bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="model name on the server (not with --in-process)")
     p.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default: 127.0.0.1:8001)")
+    add_security_flags(p)
     p.add_argument("--model-version", default="", help="model version (default: latest ready)")
     p.add_argument("--batch-size", type=int, default=1, help="rows per request (default: 1)")
     p.add_argument("--concurrency", type=_ints, default=None, metavar="N,N,...", help="closed-loop steps: requests in flight")
@@ -80,6 +83,11 @@ def main(argv: list[str] | None = None, prog: str = "kiln bench") -> int:
 
     progress = False if args.no_progress else None
     try:
+        security = ClientSecurity.from_args(args)
+    except (OSError, ValueError) as exc:  # unreadable TLS or token files
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    try:
         shapes = {name: parse_dims(dims) for name, dims in parse_assignments(args.shape, "--shape").items()}
         if args.in_process is not None:
             from loadtests.bench.inprocess import run_in_process
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None, prog: str = "kiln bench") -> int:
                 duration_s=args.duration, warmup_s=args.warmup, processes=args.processes,
                 connections=args.connections, timeout_s=args.timeout, max_inflight=args.max_inflight,
                 input_files=parse_assignments(args.input, "--input"), input_shapes=shapes, seed=args.seed,
-                server_stats=not args.no_server_stats,
+                server_stats=not args.no_server_stats, security=security,
             )
             report = run_bench(cfg, progress=progress)
             if args.plot:

@@ -18,6 +18,7 @@ from loadtests.bench.progress import ProgressBar
 from loadtests.bench.worker import StepResult, StepSpec, worker_main
 from loadtests.inputs import fetch_metadata, make_requests, request_rows
 from server import grpc_experiments
+from server.channels import ClientSecurity
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
 
@@ -46,6 +47,7 @@ class BenchConfig:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
     server_stats: bool = True
+    security: ClientSecurity = field(default_factory=ClientSecurity)  # TLS and token (kept out of the report)
 
     def validate(self) -> None:
         if not self.concurrency and not self.rates:
@@ -68,10 +70,10 @@ def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def stats_snapshot(stub, model: str, version: str) -> dict | None:
+def stats_snapshot(stub, model: str, version: str, metadata=()) -> dict | None:
     """ModelStatistics summed over the model's versions; None when the server has no such RPC."""
     try:
-        response = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version), timeout=10)
+        response = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version), timeout=10, metadata=metadata)
     except grpc.RpcError:
         return None
     totals = dict.fromkeys(
@@ -102,7 +104,7 @@ class _Workers:
         self.procs = [
             ctx.Process(
                 target=worker_main,
-                args=(i, cfg.url, requests, connections[i], self.tasks[i], self.results, self.progress),
+                args=(i, cfg.url, cfg.security, requests, connections[i], self.tasks[i], self.results, self.progress),
                 name=f"kiln-bench-{i}",
                 daemon=True,
             )
@@ -235,12 +237,17 @@ def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResu
 def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stderr, progress: bool | None = None) -> dict:
     """Run every step of `cfg` against a running server; print the table as it goes; return the report."""
     cfg.validate()
-    channel = grpc.insecure_channel(cfg.url)
+    channel = cfg.security.channel(cfg.url)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    call_metadata = cfg.security.metadata
+
+    def snapshot() -> dict | None:
+        return stats_snapshot(stub, cfg.model, cfg.version, call_metadata)
+
     try:
         try:
             grpc.channel_ready_future(channel).result(timeout=15)
-            metadata = fetch_metadata(stub, cfg.model, cfg.version)
+            metadata = fetch_metadata(stub, cfg.model, cfg.version, metadata=call_metadata)
         except grpc.FutureTimeoutError:
             raise BenchError(f"cannot connect to {cfg.url}") from None
         except grpc.RpcError as exc:
@@ -263,6 +270,7 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
             "argv": sys.argv,
             "machine": rp.machine_info(),
             "config": asdict(cfg) | {
+                "security": cfg.security.describe(),
                 "inputs": [
                     {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
                     for t in requests[0].inputs
@@ -295,13 +303,13 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
                 while time.monotonic() < measure_end:
                     now = time.monotonic()
                     if before is None and cfg.server_stats and now >= measure_start:
-                        before = stats_snapshot(stub, cfg.model, cfg.version)
+                        before = snapshot()
                     bar.update(workers.completed())
                     time.sleep(min(0.2, max(0.0, measure_end - now)))
                 if before is None and cfg.server_stats:
-                    before = stats_snapshot(stub, cfg.model, cfg.version)
+                    before = snapshot()
                 if cfg.server_stats:
-                    after = stats_snapshot(stub, cfg.model, cfg.version)
+                    after = snapshot()
                 results = workers.collect(measure_end + cfg.timeout_s + 30)
                 step = _summarize(cfg, mode, value, results, (measure_start, measure_end), before, after, workers)
                 report["steps"].append(step)

@@ -11,6 +11,7 @@ All times are time.monotonic(), which on Linux is one clock for every process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import resource
 import sys
@@ -20,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from server.channels import ClientSecurity
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -259,14 +262,12 @@ async def run_step(spec: StepSpec, calls, requests: list[bytes], worker: int, pr
     return result
 
 
-def open_channels(url: str, count: int):
+def open_channels(url: str, count: int, security: ClientSecurity):
     """`count` channels, each on its own TCP connection (a local subchannel pool per channel)."""
-    import grpc
-
     channels = []
     for i in range(count):
         channels.append(
-            grpc.aio.insecure_channel(
+            security.aio_channel(
                 url,
                 options=[
                     ("grpc.use_local_subchannel_pool", 1),
@@ -279,9 +280,12 @@ def open_channels(url: str, count: int):
     return channels
 
 
-async def _serve(worker: int, url: str, requests: list[bytes], connections: int, tasks, results, progress) -> None:
-    channels = open_channels(url, connections)
+async def _serve(worker: int, url: str, security: ClientSecurity, requests: list[bytes], connections: int,
+                 tasks, results, progress) -> None:
+    channels = open_channels(url, connections, security)
     calls = [ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None) for ch in channels]
+    if security.metadata:  # bound once here: without a token the call path stays as it is
+        calls = [functools.partial(call, metadata=security.metadata) for call in calls]
     loop = asyncio.get_running_loop()
     try:
         try:
@@ -305,10 +309,11 @@ async def _serve(worker: int, url: str, requests: list[bytes], connections: int,
             await ch.close()
 
 
-def worker_main(worker: int, url: str, requests: list[bytes], connections: int, tasks, results, progress) -> None:
+def worker_main(worker: int, url: str, security: ClientSecurity, requests: list[bytes], connections: int,
+                tasks, results, progress) -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     sys.setswitchinterval(0.0005)  # the arrival timer thread gets the GIL back soon after it wakes
     try:
-        asyncio.run(_serve(worker, url, requests, connections, tasks, results, progress))
+        asyncio.run(_serve(worker, url, security, requests, connections, tasks, results, progress))
     except KeyboardInterrupt:
         pass
