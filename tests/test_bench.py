@@ -58,6 +58,7 @@ def test_every_step_accounts_for_its_requests(sweep):
         assert step["error_count"] == sum(step["errors"].values())
         assert step["client"]["cpu_s"] > 0
         assert "-event_engine_client" in step["client"]["grpc_experiments"].split(",")  # set in the worker process
+        assert step["client"]["event_loop"] == "uvloop"  # "auto", with uvloop installed as kiln depends on it
 
 
 
@@ -114,7 +115,7 @@ def test_failed_calls_are_counted_by_status_with_the_servers_reason(tmp_path):
     server = RunningServer(ServerSettings(model_repository=BUNDLED_REPO, grpc_port=0, metrics_port=None, grace_period_s=2.0))
     try:
         proc = _kiln(
-            "bench", "mlp", "--url", server.url, "--batch-size", "65", "--concurrency", "2",
+            "bench", "mlp", "--url", server.url, "--batch-size", "65", "--concurrency", "2", "--event-loop", "asyncio",
             "--duration", "0.5", "--warmup", "0.1", "--json", str(tmp_path / "report.json"),
             "--plot", str(tmp_path / "report.png"),
         )
@@ -123,6 +124,7 @@ def test_failed_calls_are_counted_by_status_with_the_servers_reason(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     step = json.loads((tmp_path / "report.json").read_text())["steps"][0]
     assert step["sent"] > 0 and step["ok"] == 0
+    assert step["client"]["event_loop"] == "asyncio"
     assert step["errors"] == {"INVALID_ARGUMENT": step["sent"]}
     assert "max_batch_size 64" in step["error_examples"]["INVALID_ARGUMENT"]
     assert "INVALID_ARGUMENT, e.g.:" in proc.stdout and "max_batch_size 64" in proc.stdout

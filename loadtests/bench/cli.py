@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from server import eventloop
 from server.channels import ClientSecurity, add_security_flags
 
 DESCRIPTION = """\
@@ -59,6 +60,8 @@ def build_parser(prog: str = "kiln bench") -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS", help="unmeasured seconds before each step (default: 1)")
     p.add_argument("--processes", type=int, default=1, help="client processes (default: 1)")
     p.add_argument("--connections", type=int, default=0, help="gRPC channels in all, spread over the processes (default: one per process)")
+    p.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
+                   help="the client processes' event loop (default auto: uvloop where installed)")
     p.add_argument("--max-inflight", type=int, default=1000, help="open loop: most outstanding requests over all processes (default: 1000)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request deadline (default: 30)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input tensor from a .npy file (repeatable); its rows set the batch size")
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None, prog: str = "kiln bench") -> int:
                 connections=args.connections, timeout_s=args.timeout, max_inflight=args.max_inflight,
                 input_files=parse_assignments(args.input, "--input"), input_shapes=shapes, seed=args.seed,
                 server_stats=not args.no_server_stats, security=security,
+                event_loop=args.event_loop,
             )
             report = run_bench(cfg, progress=progress)
             if args.plot:

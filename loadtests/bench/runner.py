@@ -48,6 +48,7 @@ class BenchConfig:
     seed: int = 0
     server_stats: bool = True
     security: ClientSecurity = field(default_factory=ClientSecurity)  # TLS and token (kept out of the report)
+    event_loop: str = "auto"  # the workers' asyncio loop (server/eventloop.py)
 
     def validate(self) -> None:
         if not self.concurrency and not self.rates:
@@ -104,7 +105,8 @@ class _Workers:
         self.procs = [
             ctx.Process(
                 target=worker_main,
-                args=(i, cfg.url, cfg.security, requests, connections[i], self.tasks[i], self.results, self.progress),
+                args=(i, cfg.url, cfg.security, requests, connections[i], self.tasks[i], self.results, self.progress,
+                      cfg.event_loop),
                 name=f"kiln-bench-{i}",
                 daemon=True,
             )
@@ -115,7 +117,7 @@ class _Workers:
             for proc in self.procs:
                 proc.start()
         self.connections = connections
-        self.grpc_experiments = ""
+        self.grpc_experiments = self.event_loop = ""
         ready = 0
         deadline = time.monotonic() + 60
         while ready < self.count:
@@ -123,7 +125,7 @@ class _Workers:
             if kind == "error":
                 self.close()
                 raise BenchError(f"worker {worker}: {payload}")
-            self.grpc_experiments = payload
+            self.grpc_experiments, self.event_loop = payload["grpc_experiments"], payload["event_loop"]
             ready += 1
 
     def _get(self, deadline: float):
@@ -205,6 +207,7 @@ def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResu
             "cpu_cores": cpu_s / wall_s if wall_s > 0 else None,
             "machine_cpu_share": (cpu_s / wall_s / (rp.machine_info()["nproc"] or 1)) if wall_s > 0 else None,
             "grpc_experiments": workers.grpc_experiments,  # as the workers ran with it
+            "event_loop": workers.event_loop,
         },
         "server": rp.server_delta(before, after),
     }

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import eventloop
 from server.channels import ClientSecurity
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -293,7 +294,8 @@ async def _serve(worker: int, url: str, security: ClientSecurity, requests: list
         except asyncio.TimeoutError:
             results.put(("error", worker, f"cannot connect to {url} within 30 s"))
             return
-        results.put(("ready", worker, os.environ.get("GRPC_EXPERIMENTS", "")))
+        loop_name = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        results.put(("ready", worker, {"grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""), "event_loop": loop_name}))
         while True:
             spec = await loop.run_in_executor(None, tasks.get)
             if spec is None:
@@ -310,10 +312,11 @@ async def _serve(worker: int, url: str, security: ClientSecurity, requests: list
 
 
 def worker_main(worker: int, url: str, security: ClientSecurity, requests: list[bytes], connections: int,
-                tasks, results, progress) -> None:
+                tasks, results, progress, event_loop: str = "auto") -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     sys.setswitchinterval(0.0005)  # the arrival timer thread gets the GIL back soon after it wakes
     try:
-        asyncio.run(_serve(worker, url, security, requests, connections, tasks, results, progress))
+        with asyncio.Runner(loop_factory=eventloop.loop_factory(event_loop)) as runner:
+            runner.run(_serve(worker, url, security, requests, connections, tasks, results, progress))
     except KeyboardInterrupt:
         pass
