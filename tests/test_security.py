@@ -351,6 +351,8 @@ def test_load_tools_speak_tls_and_tokens(pki, repo, start_server, token_files, t
 
     no_token = _kiln(*bench, *tls)
     assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
+    plaintext = _kiln(*bench)
+    assert plaintext.returncode == 2 and "a TLS port (--tls-ca)" in plaintext.stderr, plaintext.stderr
     half_pair = _kiln(*bench, "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"))
     assert half_pair.returncode == 2 and "--tls-key" in half_pair.stderr, half_pair.stderr
 

@@ -252,7 +252,8 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
             grpc.channel_ready_future(channel).result(timeout=15)
             metadata = fetch_metadata(stub, cfg.model, cfg.version, metadata=call_metadata)
         except grpc.FutureTimeoutError:
-            raise BenchError(f"cannot connect to {cfg.url}") from None
+            hint = "TLS handshake failed or server down" if cfg.security.tls else "server down, or a TLS port (--tls-ca)"
+            raise BenchError(f"cannot connect to {cfg.url} within 15 s ({hint})") from None
         except grpc.RpcError as exc:
             raise BenchError(f"ModelMetadata({cfg.model}): {exc.code().name}: {exc.details()}") from None
         try:
