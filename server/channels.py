@@ -27,6 +27,8 @@ def add_security_flags(parser) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ClientSecurity:
+    """What a client needs to reach a server: TLS material (bytes) and the bearer token, if any."""
+
     tls: bool = False
     ca: bytes | None = None  # None with tls: the system's trust store
     cert: bytes | None = None
