@@ -24,6 +24,8 @@ Reads the model's metadata and sends random valid inputs (or .npy files) with
 Per step: p50/p90/p99/p99.9 latency, throughput, errors by gRPC status, the
 client's own CPU use, and the server's queue/compute split and average batch
 from ModelStatistics deltas. Output: a table, --json PATH, --plot PATH (PNG).
+A server with TLS or bearer tokens: --tls-ca (or --tls), --tls-cert/--tls-key, --token-file,
+as for `kiln infer`.
 """
 
 
