@@ -339,14 +339,15 @@ def test_load_tools_speak_tls_and_tokens(pki, repo, start_server, token_files, t
     tls = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "client.key")]
     bench = ["bench", "s", "--url", server.url, "--concurrency", "2", "--duration", "0.5", "--warmup", "0.1", "--no-progress"]
 
-    proc = _kiln(*bench, *tls, "--token-file", str(token), "--json", str(tmp_path / "report.json"))
+    # two client processes: the TLS material and token travel into each (pickled)
+    proc = _kiln(*bench, *tls, "--token-file", str(token), "--processes", "2", "--json", str(tmp_path / "report.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (tmp_path / "report.json").read_text()
     assert USER not in text and "PRIVATE KEY" not in text
     report = json.loads(text)
     assert report["config"]["security"] == {"tls": True, "client_certificate": True, "token": True}
     step = report["steps"][0]
-    assert step["ok"] > 0 and step["errors"] == {}
+    assert step["ok"] > 0 and step["errors"] == {} and step["client"]["processes"] == 2
     assert step["server"]["success_count"] > 0  # ModelStatistics carried the token too
 
     no_token = _kiln(*bench, *tls)
