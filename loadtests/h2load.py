@@ -14,6 +14,11 @@ calls that succeeded are counted from the response bytes it received: one succes
 answer to this request is measured first, with a real gRPC call, and
 ok = DATA bytes / bytes per answer. Latency percentiles come from h2load's per-request
 log and include failed calls when there are any (`errors` says how many).
+
+A server with TLS or bearer tokens: --tls-ca (or --tls) and --token-file, as for `kiln bench`.
+The probe call goes through gRPC and checks the server's certificate; h2load itself speaks
+TLS but checks no certificate and cannot present a client certificate (so no mutual TLS), and
+the token reaches it on its command line (the recorded command shows it masked).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from loadtests.bench.report import latency_summary  # noqa: E402
 from loadtests.inputs import fetch_metadata, make_requests  # noqa: E402
+from server.channels import ClientSecurity, add_security_flags  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
@@ -66,17 +71,29 @@ class Workload:
     model: str
     body_path: Path
     ok_answer_bytes: int
+    scheme: str = "http"  # "https": TLS
+    token: str | None = None  # bearer token sent as a header
 
 
-def prepare(url: str, model: str, workdir: Path, batch_size: int = 1, seed: int = 0) -> Workload:
+def prepare(url: str, model: str, workdir: Path, batch_size: int = 1, seed: int = 0,
+            security: ClientSecurity = ClientSecurity()) -> Workload:
     """A valid request for `model` (random values from its metadata), sent once for real."""
-    with grpc.insecure_channel(url) as channel:
+    if security.cert is not None:
+        raise ValueError("h2load cannot present a client certificate: no mutual TLS (use kiln bench)")
+    with security.channel(url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = make_requests(fetch_metadata(stub, model), batch_size, variants=1, seed=seed)[0]
-        answer = stub.ModelInfer(request, timeout=30)
+        metadata = security.metadata
+        request = make_requests(fetch_metadata(stub, model, metadata=metadata), batch_size, variants=1, seed=seed)[0]
+        answer = stub.ModelInfer(request, timeout=30, metadata=metadata)
     body_path = workdir / f"{model}-b{batch_size}.grpc"
     body_path.write_bytes(grpc_frame(request.SerializeToString()))
-    return Workload(url, model, body_path, len(grpc_frame(answer.SerializeToString())))
+    return Workload(url, model, body_path, len(grpc_frame(answer.SerializeToString())),
+                    "https" if security.tls else "http", security.token)
+
+
+def _headers(workload: Workload) -> list[str]:
+    token = [f"authorization: Bearer {workload.token}"] if workload.token else []
+    return [arg for header in (*GRPC_HEADERS, *token) for arg in ("-H", header)]
 
 
 _SUMMARY = {
@@ -111,8 +128,8 @@ def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes:
     with tempfile.TemporaryDirectory(prefix="kiln-h2load-") as tmp:
         logs = [Path(tmp) / f"requests-{i}.tsv" for i in range(processes)]
         argvs = [[exe, "-D", f"{round(duration_s * 1000)}ms", *argv_tail, "-d", str(workload.body_path),
-                  *[arg for header in GRPC_HEADERS for arg in ("-H", header)],
-                  "--log-file", str(log), f"http://{workload.url}{INFER_PATH}"] for log in logs]
+                  *_headers(workload), "--log-file", str(log), f"{workload.scheme}://{workload.url}{INFER_PATH}"]
+                 for log in logs]
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         procs = []
         for i, argv in enumerate(argvs):
@@ -133,6 +150,8 @@ def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes:
                            f"answers for {done} calls: the answers differ in size, ok cannot be counted")
     cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     command = "h2load " + " ".join(argvs[0][1:]).replace(str(workload.body_path), workload.body_path.name)
+    if workload.token:
+        command = command.replace(workload.token, "***")
     return {
         "generator": "h2load",
         "duration_s": duration_s,
@@ -199,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--json", type=Path, help="write the steps here")
+    add_security_flags(ap)
     args = ap.parse_args(argv)
     if not args.concurrency and not args.rate:
         ap.error("give --concurrency and/or --rate")
     steps = []
     with tempfile.TemporaryDirectory(prefix="kiln-h2load-") as tmp:
-        workload = prepare(args.url, args.model, Path(tmp), args.batch_size)
+        try:
+            workload = prepare(args.url, args.model, Path(tmp), args.batch_size, security=ClientSecurity.from_args(args))
+        except (OSError, ValueError) as exc:
+            print(f"h2load: {exc}", file=sys.stderr)
+            return 2
         for c in [int(c) for c in args.concurrency.split(",") if c]:
             steps.append(run_closed_loop(workload, c, args.duration, args.connections, args.warmup))
         for r in [float(r) for r in args.rate.split(",") if r]:

@@ -385,3 +385,34 @@ def test_client_security_from_files(pki, tmp_path):
         ClientSecurity.from_files(tls_ca=tmp_path / "missing.crt")
     (tmp_path / "t").write_text(f"  {USER}\n")
     assert ClientSecurity.from_files(token_file=tmp_path / "t").metadata == (("authorization", f"Bearer {USER}"),)
+
+
+def test_h2load_speaks_tls_and_tokens(pki, repo, start_server, token_files, tmp_path):
+    """loadtests/h2load.py against a TLS + token server: h2load over https with the bearer header, the
+    token masked in the recorded command; a wrong token fails every call; no mutual TLS."""
+    import dataclasses
+
+    from loadtests import h2load
+    from server.channels import ClientSecurity
+
+    require_tool("h2load")
+    users, admins = token_files
+    server = start_server(repo, tls_cert=pki / "server.crt", tls_key=pki / "server.key", auth_token_file=users,
+                          admin_token_file=admins)
+    token = tmp_path / "my-token"
+    token.write_text(USER + "\n")
+    security = ClientSecurity.from_files(tls_ca=pki / "ca.crt", token_file=token)
+    workload = h2load.prepare(server.url, "s", tmp_path, security=security)
+    assert workload.scheme == "https"
+    step = h2load.run_closed_loop(workload, concurrency=2, duration_s=1.0, connections=1, warmup_s=0.2)
+    assert step["errors"] == 0 and step["ok"] == step["done"] > 20, step
+    assert USER not in step["command"] and "authorization: Bearer ***" in step["command"]
+
+    wrong = h2load.run_closed_loop(dataclasses.replace(workload, token="wrong"), concurrency=2, duration_s=0.5)
+    assert wrong["done"] > 0 and wrong["ok"] == 0 and wrong["errors"] == wrong["done"]
+    with pytest.raises(grpc.RpcError) as info:  # the probe call without a token
+        h2load.prepare(server.url, "s", tmp_path, security=ClientSecurity.from_files(tls_ca=pki / "ca.crt"))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(ValueError, match="client certificate"):
+        h2load.prepare(server.url, "s", tmp_path, security=ClientSecurity.from_files(
+            tls_ca=pki / "ca.crt", tls_cert=pki / "client.crt", tls_key=pki / "client.key"))
