@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,7 @@ class Workload:
     body_path: Path
     ok_answer_bytes: int
     scheme: str = "http"  # "https": TLS
-    token: str | None = None  # bearer token sent as a header
+    token: str | None = field(default=None, repr=False)  # bearer token sent as a header
 
 
 def prepare(url: str, model: str, workdir: Path, batch_size: int = 1, seed: int = 0,

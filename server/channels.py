@@ -32,8 +32,8 @@ class ClientSecurity:
     tls: bool = False
     ca: bytes | None = None  # None with tls: the system's trust store
     cert: bytes | None = None
-    key: bytes | None = None
-    token: str | None = None
+    key: bytes | None = dataclasses.field(default=None, repr=False)  # secrets stay out of reprs and logs
+    token: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_files(cls, tls: bool = False, tls_ca: Path | None = None, tls_cert: Path | None = None,

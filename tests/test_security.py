@@ -416,3 +416,13 @@ def test_h2load_speaks_tls_and_tokens(pki, repo, start_server, token_files, tmp_
     with pytest.raises(ValueError, match="client certificate"):
         h2load.prepare(server.url, "s", tmp_path, security=ClientSecurity.from_files(
             tls_ca=pki / "ca.crt", tls_cert=pki / "client.crt", tls_key=pki / "client.key"))
+
+
+def test_secrets_stay_out_of_reprs(pki, tmp_path):
+    from loadtests import h2load
+    from server.channels import ClientSecurity
+
+    (tmp_path / "t").write_text(USER)
+    security = ClientSecurity.from_files(tls_cert=pki / "client.crt", tls_key=pki / "client.key", token_file=tmp_path / "t")
+    assert USER not in repr(security) and "PRIVATE KEY" not in repr(security)
+    assert USER not in repr(h2load.Workload("u", "m", tmp_path, 1, "https", USER))
