@@ -7,7 +7,7 @@ Shape of the thing (after Ray Serve's ``_BatchQueue`` and Triton core's
   puts it in its priority level's queue and awaits a future.  Except on an idle,
   fast model (the inline path below): a request its policy dispatches alone runs
   right there and its result is returned, with no queue entry or future.
-* The batching decision is a pure function, :func:`next_action`: from the
+* The batching decision is a pure function, :func:`next_action` (server/batch_policy.py): from the
   queued requests (in priority order), a monotonic ``now`` and the policy it
   answers ``Dispatch(requests)`` or ``Wait(seconds)``.  Property tests drive
   it directly.
@@ -16,7 +16,7 @@ Shape of the thing (after Ray Serve's ``_BatchQueue`` and Triton core's
   is dispatched without an extra event-loop hop), when an instance frees up,
   and from one ``loop.call_at`` timer armed for the earliest of "the oldest
   request has waited max_queue_delay" and "the next queue timeout/deadline".
-* Batches run on an :class:`InstancePool` of ``instance_count`` threads; a
+* Batches run on an :class:`InstancePool` (server/instances.py) of ``instance_count`` threads; a
   free-instance counter owned by the event loop keeps at most that many
   batches in flight.
 * With an execution timeout, a watchdog timer on the event loop guards each
@@ -36,30 +36,19 @@ import asyncio
 import heapq
 import itertools
 import logging
-import queue
-import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Hashable, Iterable, NamedTuple
 
 import numpy as np
 
+from server.batch_policy import BatchPolicy, Wait, next_action
 from server.errors import KilnError, Status
+from server.instances import InstancePool
 from server.model_types import DynamicBatchingConfig, TimeoutAction
-from server.threadnames import set_native_thread_name
-from server.threadpriority import lower_thread_priority, runtime_nice
 
-__all__ = [
-    "BatchPolicy",
-    "Dispatch",
-    "ExecutionRecord",
-    "Pending",
-    "RequestTimings",
-    "Scheduler",
-    "Wait",
-    "next_action",
-]
+__all__ = ["ExecutionRecord", "Pending", "RequestTimings", "Scheduler"]
 
 _log = logging.getLogger(__name__)
 _perf_ns = time.perf_counter_ns
@@ -92,7 +81,7 @@ class ExecutionRecord(NamedTuple):
 
 
 # --------------------------------------------------------------------------- #
-# The pure batching decision
+# Queued requests (the batching decision itself is server/batch_policy.py)
 # --------------------------------------------------------------------------- #
 
 # Request states
@@ -138,235 +127,8 @@ class Pending:
                 f"key={self.key!r}, arrival={self.arrival:.6f})")
 
 
-@dataclass(frozen=True, slots=True)
-class BatchPolicy:
-    """What :func:`next_action` needs to know about the model."""
-
-    batching: bool  # False: every request is its own batch, in queue order
-    max_batch_size: int = 0
-    preferred_batch_sizes: frozenset[int] = frozenset()
-    max_queue_delay_s: float = 0.0
-
-    @property
-    def max_preferred(self) -> int:
-        return max(self.preferred_batch_sizes, default=self.max_batch_size)
-
-    def dispatches_alone(self, rows: int) -> bool:
-        """Whether :func:`next_action` dispatches a lone request of ``rows`` rows the moment it
-        arrives (rather than waiting for company)."""
-        return (not self.batching or self.max_queue_delay_s <= 0 or rows in self.preferred_batch_sizes
-                or rows >= self.max_batch_size or rows >= self.max_preferred)
-
-    @classmethod
-    def from_config(cls, max_batch_size: int,
-                    batching: DynamicBatchingConfig | None) -> "BatchPolicy":
-        if max_batch_size <= 0 or batching is None:
-            return cls(batching=False, max_batch_size=max(max_batch_size, 0))
-        preferred = frozenset(p for p in batching.preferred_batch_size
-                              if 0 < p <= max_batch_size)
-        return cls(
-            batching=True,
-            max_batch_size=max_batch_size,
-            preferred_batch_sizes=preferred,
-            max_queue_delay_s=max(batching.max_queue_delay_microseconds, 0) / 1e6,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """Execute these requests now, as one batch."""
-
-    requests: tuple[Pending, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Dispatch nothing; decide again after ``seconds`` (None: only when
-    something changes - an arrival or a free instance)."""
-
-    seconds: float | None
-
-
-_IDLE = Wait(None)
-_SLOP_S = 1e-7
 PEAK_WINDOW_S = 0.1  # long enough to span a few batch cycles, short enough to follow the load
 
-
-def next_action(pending: Iterable[Pending], now: float, policy: BatchPolicy,
-                free_instances: int, expected: int = 0) -> Dispatch | Wait:
-    """The batching decision.  Pure: reads its arguments, changes nothing.
-
-    ``pending`` are the queued requests in priority order: level 1 first;
-    within a level, requests whose DELAY timeout passed come after the others;
-    otherwise arrival order.  ``now`` is on the same clock as ``arrival``.
-
-    The candidate batch starts at the head (the most urgent request) and takes
-    the following requests of the same shape key, in order, while the rows fit
-    in max_batch_size.  A request of another shape is skipped (it will head a
-    later batch), but once one is skipped no request of a *lower* priority level
-    joins: nothing executes ahead of a more urgent request it does not share a
-    batch with.  A compatible request that does not fit closes the batch.
-
-    Then, as Triton does:
-      * a preferred batch size among the candidate's prefixes and the oldest
-        member's delay not yet exceeded -> dispatch the largest such prefix;
-      * the batch is full, or has reached the largest preferred size, or the
-        oldest member has waited max_queue_delay, or no delay is configured
-        -> dispatch the whole candidate;
-      * and, beyond Triton: the candidate holds ``expected`` requests or more
-        (``expected`` > 0: as many as the scheduler can still expect to arrive
-        before these are answered) -> dispatch the whole candidate: waiting
-        longer would add delay and no company;
-      * otherwise wait for the rest of the oldest member's delay.
-    """
-    if free_instances <= 0:
-        return _IDLE
-    it = iter(pending)
-    head = next(it, None)
-    if head is None:
-        return _IDLE
-    if not policy.batching:
-        return Dispatch((head,))
-
-    mbs = policy.max_batch_size
-    preferred = policy.preferred_batch_sizes
-    key = head.key
-    batch = [head]
-    rows = head.rows
-    oldest = head.arrival
-    best = 1 if rows in preferred else 0
-    full = rows >= mbs
-    if not full:
-        cut_level = None
-        for e in it:
-            if cut_level is not None and e.level > cut_level:
-                break
-            if e.key != key:
-                if cut_level is None:
-                    cut_level = e.level
-                continue
-            if rows + e.rows > mbs:
-                full = True
-                break
-            batch.append(e)
-            rows += e.rows
-            if e.arrival < oldest:
-                oldest = e.arrival
-            if rows in preferred:
-                best = len(batch)
-            if rows >= mbs:
-                full = True
-                break
-
-    delay = policy.max_queue_delay_s
-    # (the slop keeps float rounding from turning 'wake at the deadline' into a second tiny wait)
-    exceeded = delay > 0 and now - oldest >= delay - _SLOP_S
-    if best and not exceeded:
-        return Dispatch(tuple(batch[:best]))
-    if full or exceeded or delay <= 0 or rows >= policy.max_preferred or 0 < expected <= len(batch):
-        return Dispatch(tuple(batch))
-    return Wait(oldest + delay - now)
-
-
-
-# --------------------------------------------------------------------------- #
-# Instance threads
-# --------------------------------------------------------------------------- #
-
-
-class _Work:
-    __slots__ = ("fn", "args", "abandoned", "thread")
-
-    def __init__(self, fn: Callable[..., None], args: tuple) -> None:
-        self.fn = fn
-        self.args = args
-        self.abandoned = False  # set by the execution-timeout watchdog: the thread retires afterwards
-        self.thread: threading.Thread | None = None  # the instance thread running it
-
-
-class InstancePool:
-    """``count`` daemon threads taking work from one queue: the model's instances.
-
-    Unlike a ThreadPoolExecutor, an instance stuck in a runtime call can be
-    abandoned: :meth:`replace` starts a fresh thread at once, and the stuck one
-    exits when (if ever) its call returns.  The threads are daemons, so a call
-    that never returns cannot hold up the process exit.
-    """
-
-    def __init__(self, count: int, name: str) -> None:
-        self._name = name
-        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._threads: set[threading.Thread] = set()
-        self._stuck: set[threading.Thread] = set()  # abandoned, still inside a runtime call
-        self._lock = threading.Lock()
-        self._n = itertools.count()
-        self._shutdown = False
-        for _ in range(count):
-            self._start_thread()
-
-    def _start_thread(self) -> None:
-        thread = threading.Thread(target=self._worker, name=f"{self._name}-{next(self._n)}", daemon=True)
-        with self._lock:
-            self._threads.add(thread)
-        thread.start()
-
-    def _worker(self) -> None:
-        me = threading.current_thread()
-        set_native_thread_name(me.name)  # top -H and profilers show "kiln-<model>-<n>", not "python"
-        lower_thread_priority(runtime_nice())  # kiln serve --runtime-nice: the event loop goes first
-        try:
-            while True:
-                work = self._queue.get()
-                if work is None:
-                    return
-                with self._lock:
-                    if work.abandoned:
-                        return  # given up before it started: its replacement is already running
-                    work.thread = me
-                try:
-                    work.fn(*work.args)
-                except BaseException:  # noqa: BLE001 - the work reports its own errors
-                    _log.exception("instance thread %s: unexpected error", me.name)
-                if work.abandoned:
-                    return  # replaced while it ran: a fresh thread already took its place
-        finally:
-            with self._lock:
-                self._threads.discard(me)
-                self._stuck.discard(me)
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> _Work:
-        work = _Work(fn, args)
-        self._queue.put(work)
-        return work
-
-    def replace(self, work: _Work) -> None:
-        """``work`` is stuck: its thread retires when it returns; start a replacement now."""
-        with self._lock:
-            work.abandoned = True
-            if work.thread is not None:
-                self._stuck.add(work.thread)
-        if not self._shutdown:
-            self._start_thread()
-
-    @property
-    def thread_count(self) -> int:
-        """Live instance threads, not counting abandoned ones still stuck in a call."""
-        with self._lock:
-            return len(self._threads - self._stuck)
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop every thread once the queued work is done; with ``wait``, join them (never an
-        abandoned one still stuck in its call)."""
-        self._shutdown = True
-        with self._lock:
-            threads = list(self._threads - self._stuck)
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            me = threading.current_thread()
-            for thread in threads:
-                if thread is not me:
-                    thread.join()
 
 # --------------------------------------------------------------------------- #
 # The scheduler

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import server.batching as batching_mod
-from server.batching import BatchPolicy, Dispatch, Pending, Scheduler, Wait, next_action
+from server.batch_policy import BatchPolicy, Dispatch, Wait, next_action
+from server.batching import Pending, Scheduler
 from server.errors import KilnError, Status
 from server.model_types import DynamicBatchingConfig, QueuePolicy, TimeoutAction
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import BUNDLED_REPO
 from loadtests import threadcpu
-from server.batching import InstancePool
+from server.instances import InstancePool
 from server.threadnames import MAX_BYTES, native_thread_name, set_native_thread_name
 from test_workers import CONNECTIONS, TIMEOUT_S, Workers, infer_request
 
