@@ -130,7 +130,7 @@ def _serve(args) -> int:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
     if args.workers > 1:
-        from server.workers import run_supervisor
+        from server.supervisor import run_supervisor
 
         return run_supervisor(settings, args.workers, args.log_format, args.log_level.upper())
     eventloop.run(serve(settings), settings.event_loop)
