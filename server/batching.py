@@ -7,18 +7,18 @@ Shape of the thing (after Ray Serve's ``_BatchQueue`` and Triton core's
   puts it in its priority level's queue and awaits a future.  Except on an idle,
   fast model (the inline path below): a request its policy dispatches alone runs
   right there and its result is returned, with no queue entry or future.
-* The batching decision is a pure function, :func:`next_action` (server/batch_policy.py): from the
-  queued requests (in priority order), a monotonic ``now`` and the policy it
-  answers ``Dispatch(requests)`` or ``Wait(seconds)``.  Property tests drive
-  it directly.
+* The batching decision is a pure function, :func:`next_action` in
+  server/batch_policy.py: from the queued requests (in priority order), a
+  monotonic ``now`` and the policy it answers ``Dispatch(requests)`` or
+  ``Wait(seconds)``.  Property tests drive it directly.
 * ``_pump()`` applies that decision.  It is event driven, never polling: it
   runs when a request arrives (inline, so a lone request on an idle instance
   is dispatched without an extra event-loop hop), when an instance frees up,
   and from one ``loop.call_at`` timer armed for the earliest of "the oldest
   request has waited max_queue_delay" and "the next queue timeout/deadline".
-* Batches run on an :class:`InstancePool` (server/instances.py) of ``instance_count`` threads; a
-  free-instance counter owned by the event loop keeps at most that many
-  batches in flight.
+* Batches run on an :class:`InstancePool` (server/instances.py) of
+  ``instance_count`` threads; a free-instance counter owned by the event loop
+  keeps at most that many batches in flight.
 * With an execution timeout, a watchdog timer on the event loop guards each
   batch: when it fires the batch fails INTERNAL, the stuck instance thread is
   abandoned and a fresh one takes its place (``instance_replacements``); the

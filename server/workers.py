@@ -3,12 +3,12 @@
 One kiln process runs one asyncio event loop, and on a small model that loop (the Python gRPC
 layer) is what caps throughput, not the runtime. N workers use N cores:
 
-- The **supervisor** (the `kiln serve` process, server/supervisor.py) reserves the gRPC port (a bound, never listening
-  SO_REUSEPORT socket: resolves port 0, keeps other programs off it), starts N workers with
-  `python -m server.workers`, owns the public /metrics port, forwards SIGTERM/SIGINT to every
-  worker, and restarts a worker that dies unexpectedly (at most supervisor.MAX_RESTARTS within
-  RESTART_WINDOW_S, else it stops all and exits 1). It exits 0 when every worker drained and
-  exited 0.
+- The **supervisor** (the `kiln serve` process; server/supervisor.py) reserves the gRPC port (a
+  bound, never listening SO_REUSEPORT socket: resolves port 0, keeps other programs off it),
+  starts N workers with `python -m server.workers`, owns the public /metrics port, forwards
+  SIGTERM/SIGINT to every worker, and restarts a worker that dies unexpectedly (at most
+  MAX_RESTARTS within RESTART_WINDOW_S, else it stops all and exits 1). It exits 0 when every
+  worker drained and exited 0.
 - Each **worker** is a full KilnServer: the same repository, its own batcher per model, bound to
   the shared port with SO_REUSEPORT (the kernel spreads *connections* over the workers: one
   client connection always lands on one worker) plus a private loopback port on the same grpc.aio
