@@ -38,7 +38,7 @@ def added(wanted: Iterable[str]) -> Iterator[None]:
     """GRPC_EXPERIMENTS with `wanted` merged in, for child processes started inside the block
     (multiprocessing's spawn passes no environment of its own); the old value comes back after."""
     saved = os.environ.get("GRPC_EXPERIMENTS")
-    os.environ["GRPC_EXPERIMENTS"] = merged(saved or "", wanted)
+    apply(wanted)
     try:
         yield
     finally:
