@@ -6,6 +6,8 @@ The peer servers themselves are not started here (they need their own venvs: loa
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from loadtests.peers import compare
@@ -176,3 +178,16 @@ def test_a_model_without_targets_is_tabulated_but_not_judged():
     measured = {**report(), "model": "resnet18"}
     assert compare.checks(measured) == []
     assert "| kiln |" in compare.markdown({**measured, "checks": []})
+
+
+def test_stop_waits_for_every_process_of_the_group_not_only_its_leader():
+    # the leader exits on SIGTERM at once; its child ignores SIGTERM, like a server's worker that
+    # would otherwise keep running into the next server's measurement
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert len(compare.group_members(proc.pid)) == 2
+    compare.stop(proc, timeout_s=1)
+    assert proc.returncode is not None
+    assert compare.group_members(proc.pid) == []

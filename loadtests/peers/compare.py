@@ -117,14 +117,46 @@ def kiln_settings(model_dir: Path) -> KilnSettings:
                         instances)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, from /proc/<pid>/stat."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone while listing
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_ended(proc: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.poll()  # reap the leader, or it stays a zombie member of its group
+        if not group_members(proc.pid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the server's process group, then wait for every member, not only the leader:
+    PyTriton's tritonserver or MLServer's workers left running would take CPU from the next server.
+    The group's id is the leader's pid (started with start_new_session)."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+        _signal_group(proc.pid, sig)
+        if _group_ended(proc, wait_s):
+            break
+    proc.wait(10)
 
 
 def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_dir: Path) -> dict:
