@@ -17,6 +17,7 @@ from loadtests.ports import free_port
 from loadtests.readiness import wait_ready
 from server.protocol import grpc_service_pb2 as pb
 from server.protocol import grpc_service_pb2_grpc as pb_grpc
+from server.protocol import model_config_pb2 as mc
 
 MLP = REPO_ROOT / "model_repo" / "mlp" / "1" / "model.onnx"
 
@@ -80,3 +81,11 @@ def test_intra_op_threads_reach_onnxruntime(tmp_path):
             stop_process(three)
     finally:
         stop_process(one)
+
+
+def test_config_says_what_perf_analyzer_needs_the_batch_dimension_apart(floor_url):
+    with grpc.insecure_channel(floor_url) as channel:
+        config = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(pb.ModelConfigRequest(name="mlp"), timeout=10).config
+    assert (config.name, config.platform, config.max_batch_size) == ("mlp", "onnxruntime_onnx", 64)
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [("x", "TYPE_FP32", [256])]
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [("y", "TYPE_FP32", [10])]

@@ -159,7 +159,7 @@ def test_mlserver_keeps_its_own_wait_when_kiln_has_no_queue_delay(tmp_path, monk
     argv = servers["mlserver-w0"][0]
     assert flag(argv, "--max-batch-time") is None  # serve_mlserver's 0.5 ms: MLServer batches nothing without a wait
     assert flag(argv, "--intra-op-threads") == "1" and flag(argv, "--max-batch-size") == "64"
-    assert flag(servers["floor"][0], "--intra-op-threads") == "1"
+    assert flag(servers["floor"][0], "--intra-op-threads") == "1" and flag(servers["floor"][0], "--max-batch-size") == "64"
     assert flag(servers["pytriton"][0], "--instances") == "1"
 
 

@@ -12,7 +12,7 @@ max batch size of kiln's config.pbtxt for the model; PyTriton also its instance 
 Generators: `kiln bench` closed loop, perf_analyzer from the tritonclient wheel
 (--measurement-interval 5000 --stability-percentage 25), and h2load (loadtests/h2load.py, C,
 the lightest: it leaves the server the most of the 2 cores). perf_analyzer calls ModelConfig,
-which MLServer 1.7 and the floor do not implement: those cells say n/a.
+which MLServer 1.7 does not implement: its cells say n/a.
 PyTriton also gets kiln's queue delay (or --peer-queue-delay-us); MLServer gets it when it is not 0 (its adaptive batching
 merges nothing without a wait; 0.5 ms otherwise). Zoo models: `--model resnet18 --source DIR`
 with DIR made by `python -m export.make_zoo --model-repository DIR --only resnet18`.
@@ -78,7 +78,7 @@ def server_commands(model: str, model_file: Path, repo: Path, port: int,
     floor = REPO_ROOT / "loadtests" / "floor_server.py"
     if floor.is_file():
         servers["floor"] = ([sys.executable, str(floor), "--model", str(model_file), "--name", model, "--port", str(port),
-                             *threads], {})
+                             "--max-batch-size", str(kiln.max_batch_size), *threads], {})
     mls = VENVS / "mlserver" / "bin" / "python"
     if mls.exists():
         delay = ["--max-batch-time", str(kiln.delay_us / 1e6)] if kiln.delay_us else []
