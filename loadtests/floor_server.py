@@ -5,10 +5,10 @@
 ModelInfer does what any Python gRPC server must do and no more: np.frombuffer the
 raw inputs, session.run inline on the event loop, encode raw outputs. No validation,
 no batching, no thread hand-off, no metrics. ServerMetadata, ModelMetadata and
-ModelConfig (off the request path) describe it, so that perf_analyzer can measure the floor too. Its latency is the cost of Python gRPC
-plus ONNX Runtime; loadtests/latency_floor.py measures kiln against it. It runs on the
-event loop kiln runs on (--event-loop, default uvloop where installed), so the two compare
-like with like.
+ModelConfig (off the request path) describe it, so that perf_analyzer can measure it
+too. Its latency is the cost of Python gRPC plus ONNX Runtime; loadtests/latency_floor.py
+measures kiln against it. It runs on the event loop kiln runs on (--event-loop, default
+uvloop where installed), so the two compare like with like.
 """
 
 from __future__ import annotations

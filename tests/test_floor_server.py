@@ -83,9 +83,12 @@ def test_intra_op_threads_reach_onnxruntime(tmp_path):
         stop_process(one)
 
 
-def test_config_says_what_perf_analyzer_needs_the_batch_dimension_apart(floor_url):
+def test_answers_the_server_metadata_and_model_config_perf_analyzer_asks_for(floor_url):
     with grpc.insecure_channel(floor_url) as channel:
-        config = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(pb.ModelConfigRequest(name="mlp"), timeout=10).config
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        server = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+        config = stub.ModelConfig(pb.ModelConfigRequest(name="mlp"), timeout=10).config
+    assert server.name == "kiln-floor"
     assert (config.name, config.platform, config.max_batch_size) == ("mlp", "onnxruntime_onnx", 64)
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [("x", "TYPE_FP32", [256])]
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [("y", "TYPE_FP32", [10])]
