@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtests import threadcpu  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.readiness import wait_ready  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
@@ -49,7 +50,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = threadcpu.stat_fields(Path(f"/proc/{pid}/stat").read_text())
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 

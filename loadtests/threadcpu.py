@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["cpu_split", "sample"]
+__all__ = ["cpu_split", "sample", "stat_fields"]
 
 INSTANCE_PREFIX = "kiln-"
 ROLES = ("event_loop", "instances", "other")
@@ -30,6 +30,12 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 # (pid, tid) -> (thread name, CPU seconds)
 Sample = dict[tuple[int, int], tuple[str, float]]
+
+
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat line after the command name (which may hold spaces and
+    parentheses): [0] state, [1] ppid, [2] process group, [11] utime, [12] stime."""
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -41,7 +47,7 @@ def _process_tree(pid: int) -> list[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            parents.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+            parents.setdefault(int(stat_fields(stat)[1]), []).append(int(entry.name))
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -58,7 +64,7 @@ def _thread_cpu(task: Path) -> tuple[str, float]:
     try:
         return name, int((task / "schedstat").read_text().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = stat_fields(stat)
         return name, (int(fields[11]) + int(fields[12])) / _TICKS
 
 

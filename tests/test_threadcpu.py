@@ -129,3 +129,9 @@ def test_split_of_a_real_two_worker_server(tmp_path):
     assert len(instance_threads) == 2, "one instance thread in each of the two workers"
     split = threadcpu.cpu_split(before, after, elapsed)
     assert split["event_loop"] > 0 and split["instances"] > 0, split
+
+
+def test_stat_fields_start_after_a_command_name_with_spaces_and_parentheses():
+    fields = threadcpu.stat_fields("4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 0 0 0 0 7 3 0 0 20 0 1 0")
+    assert fields[:3] == ["S", "1", "4242"]
+    assert (fields[11], fields[12]) == ("7", "3")

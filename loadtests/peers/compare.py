@@ -46,7 +46,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
-from loadtests import h2load  # noqa: E402
+from loadtests import h2load, threadcpu  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.readiness import wait_ready  # noqa: E402
 from server import grpc_experiments  # noqa: E402
@@ -122,7 +122,7 @@ def group_members(pgid: int) -> list[int]:
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, _ppid, group = threadcpu.stat_fields(stat.read_text())[:3]
         except (OSError, ValueError):
             continue  # gone while listing
         if int(group) == pgid and state != "Z":
