@@ -74,7 +74,9 @@ async def measure(repository: Path, model: str, calls: int, rounds: int, batch_s
         context = _Context()
         metadata = await kiln.ModelMetadata(pb.ModelMetadataRequest(name=model), context)
         version = repo.get(model, "")
-        floor = FloorService(str(_onnx_file(repository, version)), model)
+        # the floor's ORT runs with the threads kiln's config gives the model (0: ORT's default)
+        threads = int(version.config.parameters.get("intra_op_thread_count") or 0)
+        floor = FloorService(str(_onnx_file(repository, version)), model, intra_op_threads=threads)
         request = make_requests(metadata, batch_size, variants=1)[0]
         handlers = {"kiln": kiln.ModelInfer, "floor": floor.ModelInfer}
         for handler in handlers.values():  # warm: first-call allocations, ORT's first run
