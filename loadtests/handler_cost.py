@@ -30,9 +30,11 @@ if str(ROOT) not in sys.path:
 
 from loadtests.floor_server import FloorService  # noqa: E402
 from loadtests.inputs import make_requests  # noqa: E402
+from server.config import MODEL_FILENAMES  # noqa: E402
 from server.dataplane import DataPlane  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.repository import ControlMode, ModelRepository  # noqa: E402
+from server.runtime.base import worker_cpu_share  # noqa: E402
 from server.service import InferenceService  # noqa: E402
 
 __all__ = ["measure", "main"]
@@ -50,7 +52,7 @@ class _Context:
 
 def _onnx_file(repository: Path, version) -> Path:
     """The ONNX file a loaded version was read from (the floor serves only ONNX)."""
-    filename = version.config_proto.default_model_filename or "model.onnx"
+    filename = version.config_proto.default_model_filename or MODEL_FILENAMES[version.config.platform]
     path = Path(repository) / version.name / str(version.version) / filename
     if path.suffix != ".onnx" or not path.is_file():
         raise SystemExit(f"model '{version.name}' has no {path}: the floor runs ONNX models only")
@@ -74,8 +76,8 @@ async def measure(repository: Path, model: str, calls: int, rounds: int, batch_s
         context = _Context()
         metadata = await kiln.ModelMetadata(pb.ModelMetadataRequest(name=model), context)
         version = repo.get(model, "")
-        # the floor's ORT runs with the threads kiln's config gives the model (0: ORT's default)
-        threads = int(version.config.parameters.get("intra_op_thread_count") or 0)
+        # the floor's ORT runs with the intra-op threads kiln's runtime gave its session
+        threads = version.runtime.options.intra_op_threads or worker_cpu_share()
         floor = FloorService(str(_onnx_file(repository, version)), model, intra_op_threads=threads)
         request = make_requests(metadata, batch_size, variants=1)[0]
         handlers = {"kiln": kiln.ModelInfer, "floor": floor.ModelInfer}

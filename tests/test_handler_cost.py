@@ -36,6 +36,9 @@ def test_names_the_missing_onnx_file_the_floor_would_need(tmp_path):
         class config_proto:
             default_model_filename = ""
 
+        class config:
+            platform = "onnxruntime_onnx"
+
     with pytest.raises(SystemExit, match="floor runs ONNX models only"):
         handler_cost._onnx_file(tmp_path, Version)
     assert handler_cost._onnx_file(REPO_ROOT / "model_repo", Version) == REPO_ROOT / "model_repo/mlp/1/model.onnx"
