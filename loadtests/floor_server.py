@@ -3,7 +3,8 @@
     python loadtests/floor_server.py --model model_repo/mlp/1/model.onnx --port 8011
 
 ModelInfer does what any Python gRPC server must do and no more: np.frombuffer the
-raw inputs, session.run inline on the event loop, encode raw outputs. No validation,
+raw inputs, session.run inline on the event loop, encode raw outputs; ModelStreamInfer
+does the same for each message of a stream, in turn. No validation,
 no batching, no thread hand-off, no metrics. ServerMetadata, ModelMetadata and
 ModelConfig (off the request path) describe it, so that perf_analyzer can measure it
 too. Its latency is the cost of Python gRPC plus ONNX Runtime; loadtests/latency_floor.py
@@ -82,7 +83,7 @@ class FloorService(pb_grpc.GRPCInferenceServiceServicer):
                 target.add(name=name, data_type=datatype_to_config_type(datatype), dims=shape[1:] if batched else shape)
         return pb.ModelConfigResponse(config=config)
 
-    async def ModelInfer(self, request, context):
+    def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         feeds = {
             tensor.name: np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.datatype]).reshape(tensor.shape)
             for tensor, raw in zip(request.inputs, request.raw_input_contents)
@@ -93,6 +94,14 @@ class FloorService(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         return response
+
+    async def ModelInfer(self, request, context):
+        return self._infer(request)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """One request at a time per stream: what a client with one request in flight per stream needs."""
+        async for request in request_iterator:
+            yield pb.ModelStreamInferResponse(infer_response=self._infer(request))
 
 
 async def serve(model: str, name: str, host: str, port: int, intra_op_threads: int, max_batch_size: int) -> None:

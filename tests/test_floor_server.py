@@ -50,18 +50,36 @@ def unnamed_threads(pid: int) -> int:
     return sum(1 for task in Path(f"/proc/{pid}/task").iterdir() if (task / "comm").read_text().strip() == "python")
 
 
-def test_answers_what_onnxruntime_computes(floor_url):
-    x = np.random.default_rng(3).standard_normal((5, 256)).astype(np.float32)
-    request = pb.ModelInferRequest(model_name="mlp", id="r1")
-    request.inputs.add(name="x", datatype="FP32", shape=[5, 256])
+def _request(seed: int, rows: int = 5) -> tuple[pb.ModelInferRequest, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((rows, 256)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="mlp", id=f"r{seed}")
+    request.inputs.add(name="x", datatype="FP32", shape=[rows, 256])
     request.raw_input_contents.append(x.tobytes())
+    return request, x
+
+
+def _assert_computes(response: pb.ModelInferResponse, request: pb.ModelInferRequest, x: np.ndarray) -> None:
+    (expected,) = ort.InferenceSession(str(MLP), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert (response.model_name, response.id) == ("mlp", request.id)
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("y", "FP32", [len(x), 10])]
+    got = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(len(x), 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_answers_what_onnxruntime_computes(floor_url):
+    request, x = _request(3)
     with grpc.insecure_channel(floor_url) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
-    (expected,) = ort.InferenceSession(str(MLP), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    assert (response.model_name, response.id) == ("mlp", "r1")
-    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("y", "FP32", [5, 10])]
-    got = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(5, 10)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    _assert_computes(response, request, x)
+
+
+def test_answers_each_message_of_a_stream_in_turn(floor_url):
+    sent = [_request(seed, rows=seed) for seed in (1, 2, 3)]
+    with grpc.insecure_channel(floor_url) as channel:
+        answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([r for r, _ in sent]), timeout=10))
+    assert len(answers) == 3 and not any(a.error_message for a in answers)
+    for answer, (request, x) in zip(answers, sent):
+        _assert_computes(answer.infer_response, request, x)
 
 
 def test_metadata_names_the_batch_dimension_as_dynamic(floor_url):

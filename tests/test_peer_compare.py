@@ -174,6 +174,21 @@ def test_kiln_flags_reach_both_kiln_commands_and_no_peer(tmp_path, monkeypatch):
     assert all("--runtime-nice" not in argv for name, (argv, _) in servers.items() if not name.startswith("kiln"))
 
 
+def test_streaming_leaves_out_mlserver_and_streams_perf_analyzer(tmp_path, monkeypatch):
+    assert compare.streaming_servers(["kiln", "mlserver-w0", "pytriton", "mlserver-w1"]) == (
+        ["kiln", "pytriton"], ["mlserver-w0", "mlserver-w1"])
+    (tmp_path / "perf_analyzer").touch()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    calls = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda argv, **kw: calls.append(argv)
+                        or subprocess.CompletedProcess(argv, 1, "", "no server"))
+    assert compare.perf_analyzer("mlp", "127.0.0.1:1", 16, 1000, tmp_path, streaming=True) == {"error": "no server"}
+    assert compare.perf_analyzer("mlp", "127.0.0.1:1", 16, 1000, tmp_path) == {"error": "no server"}
+    assert "--streaming" in calls[0] and "--streaming" not in calls[1]
+    streamed = {**report(), "streaming": True, "checks": []}
+    assert compare.markdown(streamed).startswith("kiln bench and perf_analyzer over ModelStreamInfer streams")
+
+
 def test_a_model_without_targets_is_tabulated_but_not_judged():
     measured = {**report(), "model": "resnet18"}
     assert compare.checks(measured) == []

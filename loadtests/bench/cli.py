@@ -16,6 +16,7 @@ Reads the model's metadata and sends random valid inputs (or .npy files) with
 --connections channels (grpc.aio).
 
   closed loop:  --concurrency 1,4,16,64   N requests in flight, each sent when the last answered
+  streaming:    --streaming               the same load over ModelStreamInfer: N streams for N in flight
   open loop:    --rate 500,1000           Poisson arrivals at a fixed rate; latency counts from the
                                           scheduled send time; says when the rate was not sustained
   ceiling:      --in-process MODEL_DIR_OR_FILE --batch-sizes 1,8,64
@@ -64,6 +65,8 @@ def build_parser(prog: str = "kiln bench") -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=0, help="gRPC channels in all, spread over the processes (default: one per process)")
     p.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
                    help="the client processes' event loop (default auto: uvloop where installed)")
+    p.add_argument("--streaming", action="store_true",
+                   help="send on ModelStreamInfer streams, one request in flight per stream, instead of unary ModelInfer")
     p.add_argument("--max-inflight", type=int, default=1000, help="open loop: most outstanding requests over all processes (default: 1000)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-request deadline (default: 30)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input tensor from a .npy file (repeatable); its rows set the batch size")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None, prog: str = "kiln bench") -> int:
                 connections=args.connections, timeout_s=args.timeout, max_inflight=args.max_inflight,
                 input_files=parse_assignments(args.input, "--input"), input_shapes=shapes, seed=args.seed,
                 server_stats=not args.no_server_stats, security=security,
-                event_loop=args.event_loop,
+                event_loop=args.event_loop, streaming=args.streaming,
             )
             report = run_bench(cfg, progress=progress)
             if args.plot:

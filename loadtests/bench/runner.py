@@ -49,6 +49,7 @@ class BenchConfig:
     server_stats: bool = True
     security: ClientSecurity = field(default_factory=ClientSecurity)  # TLS and token (kept out of the report)
     event_loop: str = "auto"  # the workers' asyncio loop (server/eventloop.py)
+    streaming: bool = False  # ModelStreamInfer streams, one request in flight each, instead of unary ModelInfer
 
     def validate(self) -> None:
         if not self.concurrency and not self.rates:
@@ -106,7 +107,7 @@ class _Workers:
             ctx.Process(
                 target=worker_main,
                 args=(i, cfg.url, cfg.security, requests, connections[i], self.tasks[i], self.results, self.progress,
-                      cfg.event_loop),
+                      cfg.event_loop, cfg.streaming),
                 name=f"kiln-bench-{i}",
                 daemon=True,
             )
@@ -287,7 +288,7 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
         workers = _Workers(cfg, payloads)
         try:
             print(f"kiln bench: {cfg.model} @ {cfg.url}, batch {cfg.batch_size}, {cfg.processes} process(es), "
-                  f"{sum(workers.connections)} connection(s), {cfg.warmup_s:g}s warm-up + {cfg.duration_s:g}s per step", file=out)
+                  f"{sum(workers.connections)} connection(s){', streaming' if cfg.streaming else ''}, {cfg.warmup_s:g}s warm-up + {cfg.duration_s:g}s per step", file=out)
             print(rp.table_header(), file=out, flush=True)
             for index, (mode, value) in enumerate(steps_plan):
                 start_at = time.monotonic() + 0.2

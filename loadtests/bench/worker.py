@@ -4,7 +4,8 @@ The parent sends a StepSpec per step over a queue; the worker runs it (closed lo
 N users each awaiting its answer before sending again; open loop: Poisson arrivals
 at a fixed rate, latency counted from each request's scheduled send time) and sends
 back a StepResult. Requests are pre-serialized bytes, sent through a generic
-unary-unary call (no serializer) so the client spends its CPU on gRPC, not protobuf.
+unary-unary call (no serializer) so the client spends its CPU on gRPC, not protobuf;
+with `streaming`, over ModelStreamInfer streams instead (streams.py).
 All times are time.monotonic(), which on Linux is one clock for every process.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from loadtests.bench.streams import StreamError, StreamPool
 from server import eventloop
 from server.channels import ClientSecurity
 
@@ -107,6 +109,8 @@ async def _call(call, request: bytes, timeout: float) -> tuple[str | None, int |
         response = await call(request, timeout=timeout)
     except grpc.aio.AioRpcError as exc:
         return exc.code().name, exc.details() or ""
+    except StreamError as exc:
+        return exc.code, exc.details
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a client-side failure is an error of the step, not of the tool
@@ -281,12 +285,20 @@ def open_channels(url: str, count: int, security: ClientSecurity):
     return channels
 
 
-async def _serve(worker: int, url: str, security: ClientSecurity, requests: list[bytes], connections: int,
-                 tasks, results, progress) -> None:
-    channels = open_channels(url, connections, security)
+def _callers(channels, security: ClientSecurity, streaming: bool) -> list:
+    """One per channel: awaiting `caller(request, timeout=...)` gives the raw answer or raises."""
+    if streaming:
+        return [StreamPool(ch, security.metadata or None) for ch in channels]
     calls = [ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None) for ch in channels]
     if security.metadata:  # bound once here: without a token the call path stays as it is
         calls = [functools.partial(call, metadata=security.metadata) for call in calls]
+    return calls
+
+
+async def _serve(worker: int, url: str, security: ClientSecurity, requests: list[bytes], connections: int,
+                 tasks, results, progress, streaming: bool) -> None:
+    channels = open_channels(url, connections, security)
+    calls = _callers(channels, security, streaming)
     loop = asyncio.get_running_loop()
     try:
         try:
@@ -307,16 +319,19 @@ async def _serve(worker: int, url: str, security: ClientSecurity, requests: list
                 return
             results.put(("result", worker, result))
     finally:
+        for call in calls:
+            if isinstance(call, StreamPool):
+                await call.close()
         for ch in channels:
             await ch.close()
 
 
 def worker_main(worker: int, url: str, security: ClientSecurity, requests: list[bytes], connections: int,
-                tasks, results, progress, event_loop: str = "auto") -> None:
+                tasks, results, progress, event_loop: str = "auto", streaming: bool = False) -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     sys.setswitchinterval(0.0005)  # the arrival timer thread gets the GIL back soon after it wakes
     try:
         with asyncio.Runner(loop_factory=eventloop.loop_factory(event_loop)) as runner:
-            runner.run(_serve(worker, url, security, requests, connections, tasks, results, progress))
+            runner.run(_serve(worker, url, security, requests, connections, tasks, results, progress, streaming))
     except KeyboardInterrupt:
         pass

@@ -13,6 +13,9 @@ Generators: `kiln bench` closed loop, perf_analyzer from the tritonclient wheel
 (--measurement-interval 5000 --stability-percentage 25), and h2load (loadtests/h2load.py, C,
 the lightest: it leaves the server the most of the 2 cores). perf_analyzer calls ModelConfig,
 which MLServer 1.7 does not implement: its cells say n/a.
+--streaming sends kiln bench's and perf_analyzer's requests over ModelStreamInfer streams, one request in
+flight per stream; it leaves out h2load (unary calls only) and MLServer, whose ModelStreamInfer is another
+API (it answers with ModelInferResponse, not ModelStreamInferResponse) that adaptive batching turns off.
 PyTriton also gets kiln's queue delay (or --peer-queue-delay-us); MLServer gets it when it is not 0 (its adaptive batching
 merges nothing without a wait; 0.5 ms otherwise). Zoo models: `--model resnet18 --source DIR`
 with DIR made by `python -m export.make_zoo --model-repository DIR --only resnet18`.
@@ -159,7 +162,14 @@ def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
     proc.wait(10)
 
 
-def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_dir: Path) -> dict:
+def streaming_servers(names: list[str]) -> tuple[list[str], list[str]]:
+    """(the servers --streaming measures, those it leaves out): MLServer's ModelStreamInfer answers with
+    ModelInferResponse, which v2 clients cannot read, and adaptive batching turns its predict_stream off."""
+    left_out = [n for n in names if n.startswith("mlserver")]
+    return [n for n in names if n not in left_out], left_out
+
+
+def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_dir: Path, streaming: bool = False) -> dict:
     exe = Path(sys.executable).with_name("perf_analyzer")
     if not exe.exists():
         return {"error": "perf_analyzer not found (tritonclient wheel)"}
@@ -170,6 +180,8 @@ def perf_analyzer(model: str, url: str, concurrency: int, interval_ms: int, out_
     csv_path = out_dir / f"pa-{model}-{concurrency}-{time.monotonic_ns()}.csv"
     argv = [str(exe), "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", str(concurrency),
             "--measurement-interval", str(interval_ms), "--stability-percentage", "25", "--max-trials", "6", "-f", str(csv_path)]
+    if streaming:
+        argv.append("--streaming")
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
     except subprocess.TimeoutExpired:
@@ -213,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="kiln bench gRPC / h2load HTTP/2 connections, the same for every server (default: 1)")
     ap.add_argument("--processes", type=int, default=1,
                     help="kiln bench client processes, the same for every server (default: 1)")
+    ap.add_argument("--streaming", action="store_true",
+                    help="kiln bench and perf_analyzer over ModelStreamInfer streams; no h2load, no MLServer (see above)")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--measurement-interval", type=int, default=5000, help="perf_analyzer ms (default: 5000)")
     ap.add_argument("--no-perf-analyzer", action="store_true")
@@ -232,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     model_file = source / "1" / "model.onnx"
     report: dict = {
         "tool": "loadtests/peers/compare.py", "argv": sys.argv, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": rp.machine_info(), "model": args.model, "concurrency": concurrency, "servers": {},
+        "machine": rp.machine_info(), "model": args.model, "concurrency": concurrency, "streaming": args.streaming,
+        "servers": {},
     }
     # kiln sets its grpc experiments itself when it starts (server/grpc_experiments.py); the peers
     # get the operator's environment, not the one importing kiln here gave this process
@@ -247,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in [n for n in wanted if n not in servers]:
             print(f"{name}: not installed (bash loadtests/peers/setup.sh)", flush=True)
         wanted = [n for n in wanted if n in servers]
+        if args.streaming:
+            wanted, left_out = streaming_servers(wanted)
+            for name in left_out:
+                print(f"{name}: left out with --streaming (its ModelStreamInfer is not the v2 one)", flush=True)
         for rnd in range(args.rounds):
             order = wanted if rnd % 2 == 0 else list(reversed(wanted))  # alternate, so drift favours no server
             for name in order:
@@ -264,14 +283,16 @@ def main(argv: list[str] | None = None) -> int:
                     workers = int(cmd[cmd.index("--workers") + 1]) if "--workers" in cmd else 1
                     wait_ready(url, proc, model=args.model, workers=workers, log_path=log_path)
                     cfg = BenchConfig(url=url, model=args.model, concurrency=concurrency, duration_s=args.duration,
-                                      warmup_s=args.warmup, connections=args.connections, processes=args.processes)
+                                      warmup_s=args.warmup, connections=args.connections, processes=args.processes,
+                                      streaming=args.streaming)
                     for step in run_bench(cfg, progress=False)["steps"]:
                         this["bench"][str(step["concurrency"])] = step
                     if not args.no_perf_analyzer:
                         for c in concurrency:
-                            this["perf_analyzer"][str(c)] = perf_analyzer(args.model, url, c, args.measurement_interval, args.out)
+                            this["perf_analyzer"][str(c)] = perf_analyzer(args.model, url, c, args.measurement_interval, args.out,
+                                                                          args.streaming)
                             print(f"perf_analyzer c={c}: {this['perf_analyzer'][str(c)]}", flush=True)
-                    if not args.no_h2load and h2load.h2load_path():
+                    if not args.no_h2load and not args.streaming and h2load.h2load_path():
                         this["h2load"] = run_h2load(url, args.model, concurrency, args, Path(tmp))
                 except Exception as exc:  # one broken peer must not lose the others' numbers
                     this["error"] = f"{type(exc).__name__}: {exc} (log: {log_path})"
@@ -364,6 +385,8 @@ def markdown(report: dict) -> str:
             + [f"perf_analyzer c={c} req/s (p50 ms)" for c in cs] + [f"h2load c={c} req/s (p50 ms)" for c in cs]
             + [f"avg batch c={cs[-1]}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if report.get("streaming"):
+        lines.insert(0, "kiln bench and perf_analyzer over ModelStreamInfer streams, one request in flight per stream.\n")
     errors = []
     for name in report["servers"]:
         rows = [summary(report, name, c) for c in cs]
@@ -429,7 +452,7 @@ def plot(report: dict, path: Path) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(range(len(servers)), servers, fontsize=8)
     ax.set_ylabel("requests/s (batch-1 requests)")
-    ax.set_title(f"{report['model']}, concurrency {c}: "
+    ax.set_title(f"{report['model']}, concurrency {c}{', streaming' if report.get('streaming') else ''}: "
                  f"{report['machine']['nproc']} x {report['machine']['cpu_model']}, {report['date'][:10]}", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
