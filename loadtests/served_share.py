@@ -4,7 +4,7 @@ in-process at the same batch size, and where the rest of the server's time goes.
     python -m loadtests.served_share --model-repository /tmp/wide --model mlp_wide --concurrency 64 --connections 16 --workers 2
     python -m loadtests.served_share --model-repository /tmp/gpu --model resnet50_aoti --generator bench --processes 6   # GPU
 
-Each round: h2load (or `kiln bench`, --generator bench) keeps --concurrency calls in flight for
+Each round: h2load (or `kiln bench`, --generator bench; bench-stream: over ModelStreamInfer streams) keeps --concurrency calls in flight for
 --duration s (batch-1 requests unless --request-batch), ModelStatistics says how many rows the
 server put in each execution, and then the runtime alone runs at that batch size in this process
 (the loop of `kiln bench --in-process`, the server idle meanwhile), so both see the same machine.
@@ -68,7 +68,7 @@ class ClosedLoop:
                 h2load.run_closed_loop(self.workload, a.concurrency, duration_s, a.connections, warmup_s=0))
         config = BenchConfig(url=self.url, model=a.model, batch_size=a.request_batch, concurrency=[a.concurrency],
                              duration_s=duration_s, warmup_s=a.warmup, processes=a.processes,
-                             connections=a.connections, server_stats=False)
+                             connections=a.connections, server_stats=False, streaming=a.generator == "bench-stream")
         with open(os.devnull, "w") as sink:
             return run_bench(config, out=sink, progress=False)["steps"][0]
 
@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--connections", type=int, default=16, help="HTTP/2 connections the calls are spread over")
-    ap.add_argument("--generator", choices=("h2load", "bench"), default="h2load",
-                    help="h2load (C, least client CPU) or kiln bench (Python; no system tool needed)")
+    ap.add_argument("--generator", choices=("h2load", "bench", "bench-stream"), default="h2load",
+                    help="h2load (C, least client CPU) or kiln bench (Python; no system tool needed), "
+                         "bench-stream: kiln bench over ModelStreamInfer streams")
     ap.add_argument("--processes", type=int, default=1, help="kiln bench's client processes")
     ap.add_argument("--workers", type=int, default=1, help="kiln serve --workers")
     ap.add_argument("--request-batch", type=int, default=1, help="rows per request (default: 1)")

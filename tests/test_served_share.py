@@ -124,20 +124,21 @@ def test_served_share_end_to_end_on_mlp(tmp_path: Path):
     assert prof["items_per_s_while_profiled"] > 0 and prof["serving_samples"] > 50
 
 
-def test_served_share_with_kiln_bench_as_the_generator(tmp_path: Path):
+@pytest.mark.parametrize("generator", ["bench", "bench-stream"])
+def test_served_share_with_kiln_bench_as_the_generator(tmp_path: Path, generator: str):
     """No system tool needed (a GPU machine's image has no h2load): kiln bench drives the load."""
     from loadtests import served_share
 
     repo = tmp_path / "repo"
     shutil.copytree(BUNDLED_REPO / "mlp", repo / "mlp")
     out = tmp_path / "share.json"
-    assert served_share.main(["--model-repository", str(repo), "--model", "mlp", "--generator", "bench",
+    assert served_share.main(["--model-repository", str(repo), "--model", "mlp", "--generator", generator,
                               "--concurrency", "4", "--connections", "2", "--processes", "2", "--rounds", "1",
                               "--duration", "1", "--warmup", "0.3", "--inprocess-duration", "1",
                               "--profile-duration", "0", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     (r,) = report["rounds"]
-    assert report["config"]["generator"] == "bench" and report["profile"] is None
+    assert report["config"]["generator"] == generator and report["profile"] is None
     assert r["items_per_s"] > 0 and r["client_cpu_cores"] > 0
     assert r["share"] == pytest.approx(r["items_per_s"] / r["inprocess_items_per_s"])
 
