@@ -2,9 +2,10 @@
 
 A StreamPool stands in for a unary call: awaiting `pool(request, timeout=...)` takes an idle
 ModelStreamInfer stream of its channel (or opens one), writes the request and reads its answer.
-Each stream carries one request at a time, so N requests in flight hold N streams, as
-perf_analyzer --streaming does: the load is the same as N unary callers, while each request
-costs gRPC a message on an open stream instead of a whole call.
+Each stream carries one request at a time, so N requests in flight hold N streams: the load
+is the same as N unary callers, while each request costs gRPC a message on an open stream
+instead of a whole call. (tritonclient's start_stream and perf_analyzer --streaming may instead
+keep several requests in flight on one stream; kiln answers either, in any order.)
 """
 
 from __future__ import annotations
