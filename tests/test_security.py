@@ -349,6 +349,10 @@ def test_load_tools_speak_tls_and_tokens(pki, repo, start_server, token_files, t
     step = report["steps"][0]
     assert step["ok"] > 0 and step["errors"] == {} and step["client"]["processes"] == 2
     assert step["server"]["success_count"] > 0  # ModelStatistics carried the token too
+    streamed = _kiln(*bench, *tls, "--token-file", str(token), "--streaming", "--json", str(tmp_path / "streamed.json"))
+    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    step = json.loads((tmp_path / "streamed.json").read_text())["steps"][0]
+    assert step["ok"] > 0 and step["errors"] == {}  # every stream opened with the token
 
     no_token = _kiln(*bench, *tls)
     assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
