@@ -17,7 +17,7 @@ from test_bench import _kiln
 
 @pytest.fixture(scope="module")
 def stream_sweep(tmp_path_factory):
-    """kiln bench --streaming: closed loop c=1,8 and open loop 100/s, then batch 65 (every request refused)."""
+    """kiln bench --streaming: closed loop c=1,8, open loop 100/s and 100000/s, then batch 65 (every request refused)."""
     from conftest import BUNDLED_REPO, RunningServer
 
     tmp = tmp_path_factory.mktemp("bench-streams")
@@ -26,7 +26,7 @@ def stream_sweep(tmp_path_factory):
     shutil.copytree(BUNDLED_REPO / "mlp", repo / "mlp")
     server = RunningServer(ServerSettings(model_repository=repo, grpc_port=0, metrics_port=None, grace_period_s=2.0))
     try:
-        good = _kiln("bench", "mlp", "--url", server.url, "--streaming", "--concurrency", "1,8", "--rate", "100",
+        good = _kiln("bench", "mlp", "--url", server.url, "--streaming", "--concurrency", "1,8", "--rate", "100,100000",
                      "--duration", "1", "--warmup", "0.2", "--json", str(tmp / "good.json"))
         bad = _kiln("bench", "mlp", "--url", server.url, "--streaming", "--batch-size", "65", "--concurrency", "2",
                     "--duration", "0.5", "--warmup", "0.1", "--json", str(tmp / "bad.json"))
@@ -42,14 +42,19 @@ def test_streamed_steps_account_for_their_requests(stream_sweep):
     assert report["config"]["streaming"] is True
     assert ", streaming," in proc.stdout
     assert [(s["mode"], s["concurrency"] or s["offered_rps"]) for s in report["steps"]] == [
-        ("closed", 1), ("closed", 8), ("open", 100.0)
+        ("closed", 1), ("closed", 8), ("open", 100.0), ("open", 100000.0)
     ]
     for step in report["steps"]:
-        assert step["sent"] == step["ok"] + step["error_count"] and step["error_count"] == 0, step
+        assert step["sent"] == step["ok"] + step["error_count"], step
+    for step in report["steps"][:3]:  # the sustainable ones
+        assert step["error_count"] == 0, step
         lat = step["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat
         assert step["server"]["success_count"] > 0 and step["server"]["avg_batch"] >= 1
     assert report["steps"][2]["rate_sustained"] is True
+    absurd = report["steps"][3]  # an offered rate the streams cannot carry is reported, not quietly slowed
+    assert absurd["rate_sustained"] is False and absurd["open_loop"]["achieved_rps"] < 0.9 * 100000
+    assert "offered rate 100000 req/s NOT sustained" in proc.stdout
 
 
 def test_error_answers_on_a_stream_are_counted_by_their_status(stream_sweep):
