@@ -25,16 +25,21 @@ def _kiln(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """One server, one `kiln bench` run: closed loop c=1,4; open loop 50/s (sustainable) and 100000/s (absurd)."""
+def serve_mlp_copy(tmp: Path):
+    """A RunningServer on a repository of its own holding a copy of the bundled mlp."""
     from conftest import BUNDLED_REPO, RunningServer  # the module pytest loaded (tests/ is on sys.path)
 
-    tmp = tmp_path_factory.mktemp("bench")
     repo = tmp / "repo"
     repo.mkdir()
     shutil.copytree(BUNDLED_REPO / "mlp", repo / "mlp")
-    server = RunningServer(ServerSettings(model_repository=repo, grpc_port=0, metrics_port=None, grace_period_s=2.0))
+    return RunningServer(ServerSettings(model_repository=repo, grpc_port=0, metrics_port=None, grace_period_s=2.0))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One server, one `kiln bench` run: closed loop c=1,4; open loop 50/s (sustainable) and 100000/s (absurd)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    server = serve_mlp_copy(tmp)
     try:
         proc = _kiln(
             "bench", "mlp", "--url", server.url, "--batch-size", "2",

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import grpc
 import pytest
 
 from loadtests.bench.streams import StreamError, StreamPool, error_code
-from server.app import ServerSettings
 from server.protocol import grpc_service_pb2 as pb
-from test_bench import _kiln
+from test_bench import _kiln, serve_mlp_copy
 
 
 @pytest.fixture(scope="module")
 def stream_sweep(tmp_path_factory):
     """kiln bench --streaming: closed loop c=1,8, open loop 100/s and 100000/s, then batch 65 (every request refused)."""
-    from conftest import BUNDLED_REPO, RunningServer
-
     tmp = tmp_path_factory.mktemp("bench-streams")
-    repo = tmp / "repo"
-    repo.mkdir()
-    shutil.copytree(BUNDLED_REPO / "mlp", repo / "mlp")
-    server = RunningServer(ServerSettings(model_repository=repo, grpc_port=0, metrics_port=None, grace_period_s=2.0))
+    server = serve_mlp_copy(tmp)
     try:
         good = _kiln("bench", "mlp", "--url", server.url, "--streaming", "--concurrency", "1,8", "--rate", "100,100000",
                      "--duration", "1", "--warmup", "0.2", "--json", str(tmp / "good.json"))
