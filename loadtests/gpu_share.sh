@@ -46,8 +46,9 @@ REPO=${KILN_GPU_REPO:-/tmp/kiln-gpu-repo}
 [ -d "$REPO/${MODEL}_aoti" ] || "$PY" -m server compile "$MODEL" --target aoti --device "$DEVICE" --model-repository "$REPO"
 cat "$REPO/${MODEL}_aoti/config.pbtxt" > "$OUT/config.pbtxt"
 
-# 16 cores there: kiln bench's client processes and kiln's workers share them (no h2load in the image)
-"$PY" -m loadtests.served_share --model-repository "$REPO" --model "${MODEL}_aoti" --generator bench \
+# 16 cores there: kiln bench's client processes and kiln's workers share them (no h2load in the image);
+# GENERATOR=bench-stream sends the same load over ModelStreamInfer streams
+"$PY" -m loadtests.served_share --model-repository "$REPO" --model "${MODEL}_aoti" --generator "${GENERATOR:-bench}" \
   --processes "${CLIENT_PROCESSES:-6}" --concurrency "${CONCURRENCY:-64}" --connections 16 \
   --workers "${WORKERS:-4}" --rounds 3 --duration 5 --profile-duration 5 \
   --json "$OUT/served_share.json" --markdown | tee "$OUT/served_share.md"

@@ -4,10 +4,11 @@ in-process at the same batch size, and where the rest of the server's time goes.
     python -m loadtests.served_share --model-repository /tmp/wide --model mlp_wide --concurrency 64 --connections 16 --workers 2
     python -m loadtests.served_share --model-repository /tmp/gpu --model resnet50_aoti --generator bench --processes 6   # GPU
 
-Each round: h2load (or `kiln bench`, --generator bench; bench-stream: over ModelStreamInfer streams) keeps --concurrency calls in flight for
---duration s (batch-1 requests unless --request-batch), ModelStatistics says how many rows the
-server put in each execution, and then the runtime alone runs at that batch size in this process
-(the loop of `kiln bench --in-process`, the server idle meanwhile), so both see the same machine.
+Each round: h2load (or `kiln bench`: --generator bench; bench-stream, over ModelStreamInfer
+streams) keeps --concurrency calls in flight for --duration s (batch-1 requests unless
+--request-batch), ModelStatistics says how many rows the server put in each execution, and
+then the runtime alone runs at that batch size in this process (the loop of
+`kiln bench --in-process`, the server idle meanwhile), so both see the same machine.
 The share is served items/s over in-process items/s; the median round is the figure. Last, the
 same load runs once more against a server started under py-spy (loadtests/pyspy_profile.py),
 which splits its busy time into the runtime, (de)serialization, batch copies, statistics, kiln's
