@@ -30,10 +30,9 @@ if str(ROOT) not in sys.path:
 
 from loadtests.floor_server import FloorService  # noqa: E402
 from loadtests.inputs import make_requests  # noqa: E402
-from server.config import MODEL_FILENAMES  # noqa: E402
 from server.dataplane import DataPlane  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
-from server.repository import ControlMode, ModelRepository  # noqa: E402
+from server.repository import ControlMode, ModelRepository, model_filename  # noqa: E402
 from server.runtime.base import worker_cpu_share  # noqa: E402
 from server.service import InferenceService  # noqa: E402
 
@@ -52,7 +51,7 @@ class _Context:
 
 def _onnx_file(repository: Path, version) -> Path:
     """The ONNX file a loaded version was read from (the floor serves only ONNX)."""
-    filename = version.config_proto.default_model_filename or MODEL_FILENAMES[version.config.platform]
+    filename = model_filename(version.config_proto, version.config.platform)
     path = Path(repository) / version.name / str(version.version) / filename
     if path.suffix != ".onnx" or not path.is_file():
         raise SystemExit(f"model '{version.name}' has no {path}: the floor runs ONNX models only")

@@ -320,7 +320,7 @@ class ModelRepository:
         selected = loading_config.version_policy.select(on_disk)
         if not selected:
             raise ConfigError(f"no version directory matches the version policy (found {on_disk or 'none'})")
-        filename = proto.default_model_filename or MODEL_FILENAMES[platform]
+        filename = model_filename(proto, platform)
         check_model_filename(filename, platform)
         loaded: dict[int, ModelVersion] = {}
         try:
@@ -384,6 +384,11 @@ class ModelRepository:
             log.info("model '%s' removed from disk; unloading", name)
             await self.unload(name)
             self.models.pop(name, None)
+
+
+def model_filename(proto: mc.ModelConfig, platform: str) -> str:
+    """The file every version directory holds the model in: default_model_filename, else the platform's own name."""
+    return proto.default_model_filename or MODEL_FILENAMES[platform]
 
 
 def check_model_filename(filename: str, platform: str) -> None:
