@@ -113,6 +113,25 @@ def _parse_summary(text: str) -> dict[str, int]:
     return {"started": started, "done": done, "data_bytes": int(found["data"].group(1))}
 
 
+def count_ok(data_bytes: int, answer_bytes: int, done: int, started: int) -> int:
+    """Successful calls among the `done` ones, from the answer bytes h2load received.
+
+    A call still open when the duration ends may already have received its answer (or part
+    of it) without its trailers, so h2load counts its bytes but not the call: up to
+    `started - done` answers' worth of bytes may belong to calls that are not done.
+    More than that, or a fraction of an answer with no call open, means the answers
+    differ in size and ok cannot be counted. (Where calls also failed, ok may be overcounted
+    by at most the open calls.)
+    """
+    whole, leftover = divmod(data_bytes, answer_bytes)
+    open_calls = started - done
+    if whole > done + open_calls or (leftover and not open_calls):
+        raise RuntimeError(f"{data_bytes} response bytes are not a whole number of {answer_bytes}-byte answers "
+                           f"for {done} calls ({open_calls} still open): the answers differ in size, "
+                           "ok cannot be counted")
+    return min(whole, done)
+
+
 def _read_log(path: Path) -> np.ndarray:
     """Durations in s of the requests h2load logged (columns: start µs, HTTP status or -1, duration µs)."""
     rows = np.loadtxt(path, dtype=np.int64, ndmin=2) if path.stat().st_size else np.zeros((0, 3), np.int64)
@@ -143,11 +162,8 @@ def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes:
                 raise RuntimeError(f"h2load exited with {proc.returncode}: {(err or out).strip()[-300:]}")
         counts = [_parse_summary(out) for out, _ in outputs]
         durations = np.concatenate([_read_log(log) for log in logs])
-    done, data_bytes = sum(c["done"] for c in counts), sum(c["data_bytes"] for c in counts)
-    ok, leftover = divmod(data_bytes, workload.ok_answer_bytes)
-    if leftover or ok > done:
-        raise RuntimeError(f"{data_bytes} response bytes are not a whole number of {workload.ok_answer_bytes}-byte "
-                           f"answers for {done} calls: the answers differ in size, ok cannot be counted")
+    started, done = sum(c["started"] for c in counts), sum(c["done"] for c in counts)
+    ok = count_ok(sum(c["data_bytes"] for c in counts), workload.ok_answer_bytes, done, started)
     cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     command = "h2load " + " ".join(argvs[0][1:]).replace(str(workload.body_path), workload.body_path.name)
     if workload.token:
@@ -155,7 +171,7 @@ def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes:
     return {
         "generator": "h2load",
         "duration_s": duration_s,
-        "sent": sum(c["started"] for c in counts),
+        "sent": started,
         "done": done,
         "ok": ok,
         "errors": done - ok,
