@@ -42,8 +42,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from loadtests.bench.report import latency_summary  # noqa: E402
+from loadtests.bench.report import latency_summary, percent  # noqa: E402
 from loadtests.inputs import fetch_metadata, make_requests  # noqa: E402
+from loadtests.steal import cpu_ticks, steal_share  # noqa: E402
 from server.channels import ClientSecurity, add_security_flags  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -149,14 +150,14 @@ def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes:
         argvs = [[exe, "-D", f"{round(duration_s * 1000)}ms", *argv_tail, "-d", str(workload.body_path),
                   *_headers(workload), "--log-file", str(log), f"{workload.scheme}://{workload.url}{INFER_PATH}"]
                  for log in logs]
-        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_before, ticks_before = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_ticks()
         procs = []
         for i, argv in enumerate(argvs):
             if i:
                 time.sleep(stagger_s)
             procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = [proc.communicate(timeout=duration_s + 60) for proc in procs]
-        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_after, stolen = resource.getrusage(resource.RUSAGE_CHILDREN), steal_share(ticks_before, cpu_ticks())
         for proc, (out, err) in zip(procs, outputs):
             if proc.returncode != 0:
                 raise RuntimeError(f"h2load exited with {proc.returncode}: {(err or out).strip()[-300:]}")
@@ -178,6 +179,7 @@ def _run(workload: Workload, argv_tail: list[str], duration_s: float, processes:
         "throughput_rps": ok / duration_s,
         "latency_ms": latency_summary(durations),
         "client_cpu_cores": cpu_s / duration_s,
+        "steal_share": stolen,  # of the machine's CPU time while h2load ran, taken by the hypervisor
         "command": command if processes == 1 else f"{processes} x ({command}), started {stagger_s * 1000:.1f} ms apart",
     }
 
@@ -250,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in [float(r) for r in args.rate.split(",") if r]:
             steps.append(run_fixed_rate(workload, r, args.duration))
     print(f"h2load: {args.model} @ {args.url}, batch {args.batch_size}, {args.connections} connection(s), {args.duration:g} s per step")
-    print(f"{'step':>10} {'done':>8} {'ok':>8} {'err':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'cli cpu':>8}")
+    print(f"{'step':>10} {'done':>8} {'ok':>8} {'err':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'cli cpu':>8} {'steal%':>6}")
     for s in steps:
         name = f"c={s['concurrency']}" if "concurrency" in s else f"r={s['rate']}"
         lat = s["latency_ms"]
         cells = [f"{lat[k]:8.2f}" if lat[k] is not None else f"{'-':>8}" for k in ("p50", "p90", "p99")]
         print(f"{name:>10} {s['done']:8d} {s['ok']:8d} {s['errors']:5d} {s['throughput_rps']:9.1f} {' '.join(cells)} "
-              f"{s['client_cpu_cores']:8.2f}")
+              f"{s['client_cpu_cores']:8.2f} {percent(s['steal_share']):>6}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "url": args.url, "steps": steps}, indent=2) + "\n")
     return 0

@@ -64,6 +64,7 @@ def test_every_step_accounts_for_its_requests(sweep):
         assert step["client"]["cpu_s"] > 0
         assert "-event_engine_client" in step["client"]["grpc_experiments"].split(",")  # set in the worker process
         assert step["client"]["event_loop"] == "uvloop"  # "auto", with uvloop installed as kiln depends on it
+        assert 0.0 <= step["steal_share"] <= 1.0  # this Linux machine counts steal in /proc/stat
 
 
 

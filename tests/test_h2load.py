@@ -42,6 +42,7 @@ def test_closed_loop_counts_match_the_servers_statistics(mlp_server, tmp_path):
     latency = step["latency_ms"]
     assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p999"] <= latency["max"]
     assert step["connections"] == 2 and "-m 2" in step["command"]
+    assert 0.0 <= step["steal_share"] <= 1.0
 
 
 def test_closed_loop_without_warm_up_counts_exactly_what_the_server_served(mlp_server, tmp_path):

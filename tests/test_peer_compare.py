@@ -206,3 +206,18 @@ def test_stop_waits_for_every_process_of_the_group_not_only_its_leader():
     compare.stop(proc, timeout_s=1)
     assert proc.returncode is not None
     assert compare.group_members(proc.pid) == []
+
+
+def test_a_round_measured_while_the_hypervisor_stole_cpu_is_marked():
+    data = report()
+    disturbed = step(1000, 10)
+    disturbed["steal_share"] = 0.12
+    data["servers"]["kiln"]["rounds"].append({"bench": {"16": disturbed}, "perf_analyzer": {}, "h2load": {}})
+    data["servers"]["pytriton"]["rounds"].append({"bench": {"16": {**step(2000, 8), "steal_share": 0.01}},
+                                                  "perf_analyzer": {}, "h2load": {}})
+    data["checks"] = compare.checks(data, "kiln")
+    bench = by_target(data["checks"])["c=16 throughput (kiln bench) kiln >= 2x pytriton"]
+    assert bench["measured"].endswith("(rounds: 1.50x, 0.50x*)")
+    assert compare.STEAL_NOTE in compare.markdown(data)
+    # rounds without a steal reading (older reports) are not marked
+    assert "*" not in by_target(compare.checks(report(), "kiln"))["c=16 throughput (kiln bench) kiln >= 2x pytriton"]["measured"]

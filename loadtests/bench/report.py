@@ -94,10 +94,15 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def percent(share: float | None) -> str:
+    """A 0..1 share as whole percent, '-' when unknown."""
+    return "-" if share is None else f"{share * 100:.0f}"
+
+
 TABLE_COLUMNS = (
     ("step", 10), ("sent", 8), ("ok", 8), ("err", 6), ("req/s", 9), ("items/s", 10),
     ("p50 ms", 8), ("p90 ms", 8), ("p99 ms", 8), ("p99.9 ms", 9), ("cli cpu", 7),
-    ("srv q us", 9), ("srv inf us", 10), ("batch", 6),
+    ("srv q us", 9), ("srv inf us", 10), ("batch", 6), ("steal%", 6),
 )
 
 
@@ -118,6 +123,7 @@ def table_row(step: dict) -> str:
         _fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(lat["p999"]),
         _fmt(step["client"]["cpu_cores"], 2),
         _fmt(srv.get("queue_us"), 0), _fmt(srv.get("compute_infer_us"), 0), _fmt(srv.get("avg_batch"), 1),
+        percent(step.get("steal_share")),
     ]
     return " ".join(cell.rjust(width) for cell, (_, width) in zip(cells, TABLE_COLUMNS))
 

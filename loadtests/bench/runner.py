@@ -17,6 +17,7 @@ from loadtests.bench import report as rp
 from loadtests.bench.progress import ProgressBar
 from loadtests.bench.worker import StepResult, StepSpec, worker_main
 from loadtests.inputs import fetch_metadata, make_requests, request_rows
+from loadtests.steal import cpu_ticks, steal_share
 from server import grpc_experiments
 from server.channels import ClientSecurity
 from server.protocol import grpc_service_pb2 as pb
@@ -170,7 +171,7 @@ class _Workers:
 
 
 def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResult], spec_window: tuple[float, float],
-               before: dict | None, after: dict | None, workers: _Workers) -> dict:
+               before: dict | None, after: dict | None, workers: _Workers, stolen: float | None = None) -> dict:
     measure_start, measure_end = spec_window
     duration = measure_end - measure_start
     latencies = np.concatenate([r.latencies_s for r in results]) if results else np.empty(0)
@@ -211,6 +212,7 @@ def _summarize(cfg: BenchConfig, mode: str, value: float, results: list[StepResu
             "event_loop": workers.event_loop,
         },
         "server": rp.server_delta(before, after),
+        "steal_share": stolen,  # of the machine's CPU time over the window, taken by the hypervisor (steal.py)
     }
     if mode == "open":
         answered = sum(r.answered_in_window for r in results)
@@ -304,19 +306,22 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
                 label = f"c={int(value)}" if mode == "closed" else f"r={value:g}"
                 workers.submit(specs)
                 bar.step(index, label, start_at)
-                before = after = None
+                before = after = ticks_before = None
                 while time.monotonic() < measure_end:
                     now = time.monotonic()
-                    if before is None and cfg.server_stats and now >= measure_start:
-                        before = snapshot()
+                    if ticks_before is None and now >= measure_start:
+                        ticks_before = cpu_ticks()
+                        before = snapshot() if cfg.server_stats else None
                     bar.update(workers.completed())
                     time.sleep(min(0.2, max(0.0, measure_end - now)))
-                if before is None and cfg.server_stats:
-                    before = snapshot()
+                if ticks_before is None:
+                    ticks_before = cpu_ticks()
+                    before = snapshot() if cfg.server_stats else None
+                stolen = steal_share(ticks_before, cpu_ticks())
                 if cfg.server_stats:
                     after = snapshot()
                 results = workers.collect(measure_end + cfg.timeout_s + 30)
-                step = _summarize(cfg, mode, value, results, (measure_start, measure_end), before, after, workers)
+                step = _summarize(cfg, mode, value, results, (measure_start, measure_end), before, after, workers, stolen)
                 report["steps"].append(step)
                 bar.clear()
                 print(rp.table_row(step), file=out, flush=True)
