@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from loadtests import h2load  # noqa: E402
+from loadtests.bench.report import percent  # noqa: E402
 from loadtests.batching_sweep import ceiling, start_server  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {"A": args.tree_a.resolve(), "B": args.tree_b.resolve()}
     repositories = {"A": args.repository.resolve(), "B": (args.repository_b or args.repository).resolve()}
     rounds: dict[str, list[float]] = {"A": [], "B": []}
+    stolen: dict[str, list[float | None]] = {"A": [], "B": []}  # the hypervisor's share of the CPU, per round
     ceilings: list[float] = []
     with tempfile.TemporaryDirectory(prefix="kiln-ab-") as tmp:
         procs, workloads = [], {}
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                     if step["errors"]:
                         raise SystemExit(f"ab_trees: {key} answered {step['errors']} calls with an error")
                     rounds[key].append(step["throughput_rps"])
-                    print(f"[{r + 1}/{args.rounds}] {key} {step['throughput_rps']:8.0f} req/s  p50 {step['latency_ms']['p50']:.2f} ms",
-                          flush=True)
+                    stolen[key].append(step["steal_share"])
+                    print(f"[{r + 1}/{args.rounds}] {key} {step['throughput_rps']:8.0f} req/s  p50 {step['latency_ms']['p50']:.2f} ms"
+                          f"  steal {percent(step['steal_share'])}%", flush=True)
                 if args.ceiling_duration > 0:
                     ceilings.append(ceiling(repositories["A"] / args.model, args.ceiling_duration)["items_per_s"])
                     print(f"[{r + 1}/{args.rounds}] ceiling {ceilings[-1]:8.0f} items/s; share A {rounds['A'][-1] / ceilings[-1]:.0%},"
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "trees": {k: str(v) for k, v in names.items()}, "repositories": {k: str(v) for k, v in repositories.items()},
         "model": args.model, "workers": args.workers,
         "concurrency": args.concurrency, "connections": args.connections, "duration_s": args.duration,
-        "rounds_rps": rounds, "ratios_b_over_a": ratios,
+        "rounds_rps": rounds, "rounds_steal_share": stolen, "ratios_b_over_a": ratios,
         "median_rps": {k: statistics.median(v) for k, v in rounds.items()},
         "median_ratio": statistics.median(ratios),
     }

@@ -30,4 +30,5 @@ def test_two_trees_alternate_and_the_ratios_add_up(tmp_path):
     a, b = report["rounds_rps"]["A"], report["rounds_rps"]["B"]
     assert len(a) == len(b) == 2 and min(a + b) > 0
     assert report["ratios_b_over_a"] == pytest.approx([y / x for x, y in zip(a, b)])
+    assert all(0.0 <= share <= 1.0 for key in "AB" for share in report["rounds_steal_share"][key])
     assert "median" in proc.stdout and "B / A per round" in proc.stdout
