@@ -23,8 +23,10 @@ Reads the model's metadata and sends random valid inputs (or .npy files) with
                                           the runtime alone (no server), items/s per batch size
 
 Per step: p50/p90/p99/p99.9 latency, throughput, errors by gRPC status, the
-client's own CPU use, and the server's queue/compute split and average batch
-from ModelStatistics deltas. Output: a table, --json PATH, --plot PATH (PNG).
+client's own CPU use, the server's queue/compute split and average batch
+from ModelStatistics deltas, and the share of the machine's CPU time a shared VM's
+hypervisor took meanwhile (steal%: a step with much steal measured the neighbours).
+Output: a table, --json PATH, --plot PATH (PNG).
 A server with TLS or bearer tokens: --tls-ca (or --tls), --tls-cert/--tls-key, --token-file,
 as for `kiln infer`.
 """
