@@ -39,9 +39,9 @@ def _bindable(port: int) -> bool:
 
 def free_port() -> int:
     high = _ephemeral_start()
-    for _ in range(200):
-        port = _choose.randrange(_LOWEST, high) if high > _LOWEST else 0
-        if port and port not in _handed_out and _bindable(port):
+    for _ in range(200 if high > _LOWEST else 0):
+        port = _choose.randrange(_LOWEST, high)
+        if port not in _handed_out and _bindable(port):
             _handed_out.add(port)
             return port
     with socket.socket() as s:  # no room below the ephemeral range: let the kernel choose

@@ -250,6 +250,10 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
     def snapshot() -> dict | None:
         return stats_snapshot(stub, cfg.model, cfg.version, call_metadata)
 
+    def open_window() -> tuple:
+        """What a step's measured window starts from: the machine's CPU ticks and the server's statistics."""
+        return cpu_ticks(), snapshot() if cfg.server_stats else None
+
     try:
         try:
             grpc.channel_ready_future(channel).result(timeout=15)
@@ -306,20 +310,16 @@ def run_bench(cfg: BenchConfig, out: TextIO = sys.stdout, err: TextIO = sys.stde
                 label = f"c={int(value)}" if mode == "closed" else f"r={value:g}"
                 workers.submit(specs)
                 bar.step(index, label, start_at)
-                before = after = ticks_before = None
+                opened = None  # (CPU ticks, server statistics) when the measured window opened
                 while time.monotonic() < measure_end:
                     now = time.monotonic()
-                    if ticks_before is None and now >= measure_start:
-                        ticks_before = cpu_ticks()
-                        before = snapshot() if cfg.server_stats else None
+                    if opened is None and now >= measure_start:
+                        opened = open_window()
                     bar.update(workers.completed())
                     time.sleep(min(0.2, max(0.0, measure_end - now)))
-                if ticks_before is None:
-                    ticks_before = cpu_ticks()
-                    before = snapshot() if cfg.server_stats else None
+                ticks_before, before = opened or open_window()
                 stolen = steal_share(ticks_before, cpu_ticks())
-                if cfg.server_stats:
-                    after = snapshot()
+                after = snapshot() if cfg.server_stats else None
                 results = workers.collect(measure_end + cfg.timeout_s + 30)
                 step = _summarize(cfg, mode, value, results, (measure_start, measure_end), before, after, workers, stolen)
                 report["steps"].append(step)

@@ -390,10 +390,10 @@ def summary(report: dict, server: str, c: int) -> dict | None:
 THROUGHPUT_TARGETS = {"mlp": (16, [("pytriton", 2.0), ("mlserver", 4.0)]), "mlp_wide": (64, [("pytriton", 1.5)])}
 # the models whose c=1 p50 the issue compares with MLServer's (at most half of it)
 P50_TARGET_MODELS = ("mlp",)
-# generator -> summary keys of its throughput, per-round throughputs and p50
-GENERATORS = {"kiln bench": ("throughput_rps", "rounds_rps", "p50_ms"),
-              "perf_analyzer": ("pa_rps", "pa_rounds_rps", "pa_p50_ms"),
-              "h2load": ("h2_rps", "h2_rounds_rps", "h2_p50_ms")}
+# generator -> summary keys of its throughput, per-round throughputs, p50 and per-round steal
+GENERATORS = {"kiln bench": ("throughput_rps", "rounds_rps", "p50_ms", "rounds_steal"),
+              "perf_analyzer": ("pa_rps", "pa_rounds_rps", "pa_p50_ms", "pa_rounds_steal"),
+              "h2load": ("h2_rps", "h2_rounds_rps", "h2_p50_ms", "h2_rounds_steal")}
 # a round in which the hypervisor took at least this share of the machine's CPU time (steal.py)
 # from either side's measurement is marked: its ratio says more about the neighbours than the servers
 STEAL_MARK = 0.05
@@ -401,9 +401,8 @@ STEAL_NOTE = (f"*: the hypervisor took >= {STEAL_MARK:.0%} of the machine's CPU 
               "was measured (steal, /proc/stat)")
 
 
-def round_ratios(kiln: dict, other: dict, rounds_key: str) -> str:
+def round_ratios(kiln: dict, other: dict, rounds_key: str, steal_key: str) -> str:
     """'2.10x, 0.35x*': kiln's throughput over the peer's, round by round; * marks a round with steal."""
-    steal_key = rounds_key.replace("_rps", "_steal")
 
     def stolen(summary_row: dict, i: int) -> float:
         values = summary_row.get(steal_key) or []
@@ -424,12 +423,12 @@ def checks(report: dict, kiln: str = "kiln") -> list[dict]:
     kiln_c, kiln1 = summary(report, kiln, c), summary(report, kiln, 1)
     mlservers = [s for s in report["servers"] if s.startswith("mlserver") and report["model"] in P50_TARGET_MODELS]
     peers = [(name, factor) for prefix, factor in targets for name in report["servers"] if name.startswith(prefix)]
-    for generator, (rps, rounds, p50) in GENERATORS.items():
+    for generator, (rps, rounds, p50, steal) in GENERATORS.items():
         for peer, factor in peers:
             other = summary(report, peer, c)
             if kiln_c and other and kiln_c[rps] and other[rps]:
                 ratio = kiln_c[rps] / other[rps]
-                per_round = round_ratios(kiln_c, other, rounds)
+                per_round = round_ratios(kiln_c, other, rounds, steal)
                 out.append({"target": f"c={c} throughput ({generator}) {kiln} >= {factor:g}x {peer}",
                             "measured": f"{ratio:.2f}x (rounds: {per_round})", "pass": ratio >= factor})
         for peer in mlservers:
@@ -490,7 +489,7 @@ def plotted_concurrency(report: dict) -> int:
 def plot_data(report: dict, c: int) -> dict[str, dict[str, float]]:
     """generator -> server -> mean req/s at concurrency c, where measured."""
     out: dict[str, dict[str, float]] = {}
-    for generator, (rps, _, _) in GENERATORS.items():
+    for generator, (rps, *_) in GENERATORS.items():
         for name in report["servers"]:
             row = summary(report, name, c)
             if row and row[rps]:
