@@ -223,6 +223,23 @@ def test_a_round_measured_while_the_hypervisor_stole_cpu_is_marked():
     assert "*" not in by_target(compare.checks(report(), "kiln"))["c=16 throughput (kiln bench) kiln >= 2x pytriton"]["measured"]
 
 
+def test_a_round_that_failed_on_one_side_does_not_shift_the_pairing():
+    pa = lambda rps: {"throughput_rps": rps, "p50_ms": 5}  # noqa: E731
+    data = {"model": "mlp", "concurrency": [16], "servers": {
+        # kiln's perf_analyzer failed in round 1; PyTriton's in round 2
+        "kiln": server([({"16": step(3000, 5)}, {"16": {"error": "timed out"}}, {}),
+                        ({"16": step(3000, 5)}, {"16": pa(4000)}, {}),
+                        ({"16": step(3000, 5)}, {"16": pa(6000)}, {})]),
+        "pytriton": server([({"16": step(1000, 8)}, {"16": pa(1000)}, {}),
+                            ({"16": step(1000, 8)}, {"16": {"error": "timed out"}}, {}),
+                            ({"16": step(1000, 8)}, {"16": pa(2000)}, {})]),
+    }}
+    checks = by_target(compare.checks(data, "kiln"))
+    # only round 3 was measured on both sides: 6000 / 2000; the means still use every successful round
+    assert checks["c=16 throughput (perf_analyzer) kiln >= 2x pytriton"]["measured"] == "3.33x (rounds: 3.00x)"
+    assert compare.summary(data, "kiln", 16)["pa_rounds_rps"] == [None, 4000, 6000]
+
+
 def stolen_round(share: float | None) -> dict:
     return {"bench": {"16": {**step(1000, 5), "steal_share": share}}, "perf_analyzer": {"16": {"error": "timed out"}},
             "h2load": {}}

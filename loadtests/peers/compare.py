@@ -357,32 +357,40 @@ def _mean(values: list) -> float | None:
 
 
 def summary(report: dict, server: str, c: int) -> dict | None:
-    """Means over rounds, for one server and c: kiln bench's throughput and percentiles, perf_analyzer's, h2load's."""
+    """Means over rounds, for one server and c: kiln bench's throughput and percentiles, perf_analyzer's, h2load's.
+    The per-round lists keep one entry per round (None where that generator failed or did not run), so
+    round i of one server is paired with round i of another even when a round failed on one side."""
     rounds = report["servers"].get(server, {}).get("rounds", [])
-    steps = [r["bench"][str(c)] for r in rounds if str(c) in r["bench"]]
-    if not steps:
+    steps = [r["bench"].get(str(c)) for r in rounds]
+    if not any(steps):
         return None
     pas = [r["perf_analyzer"].get(str(c)) for r in rounds]
-    pas_ok = [p for p in pas if p and "error" not in p]
-    h2s = [r.get("h2load", {}).get(str(c)) for r in rounds]
-    h2s = [h for h in h2s if h]
+    pas_ok = [p if p and "error" not in p else None for p in pas]
+    h2s = [r.get("h2load", {}).get(str(c)) or None for r in rounds]
+
+    def per_round(results: list, pick: Callable[[dict], float | None]) -> list:
+        return [pick(x) if x else None for x in results]
+
+    def mean(results: list, pick: Callable[[dict], float | None]) -> float | None:
+        return _mean(per_round(results, pick))
+
     return {
-        "throughput_rps": _mean([s["throughput_rps"] for s in steps]),
-        "rounds_rps": [s["throughput_rps"] for s in steps],
-        "rounds_steal": [s.get("steal_share") for s in steps],
-        "p50_ms": _mean([s["latency_ms"]["p50"] for s in steps]),
-        "p99_ms": _mean([s["latency_ms"]["p99"] for s in steps]),
-        "avg_batch": _mean([(s["server"] or {}).get("avg_batch") for s in steps]),
-        "pa_rps": _mean([p["throughput_rps"] for p in pas_ok]),
-        "pa_rounds_rps": [p["throughput_rps"] for p in pas_ok],
-        "pa_rounds_steal": [p.get("steal_share") for p in pas_ok],
-        "pa_p50_ms": _mean([p["p50_ms"] for p in pas_ok]),
+        "throughput_rps": mean(steps, lambda s: s["throughput_rps"]),
+        "rounds_rps": per_round(steps, lambda s: s["throughput_rps"]),
+        "rounds_steal": per_round(steps, lambda s: s.get("steal_share")),
+        "p50_ms": mean(steps, lambda s: s["latency_ms"]["p50"]),
+        "p99_ms": mean(steps, lambda s: s["latency_ms"]["p99"]),
+        "avg_batch": mean(steps, lambda s: (s["server"] or {}).get("avg_batch")),
+        "pa_rps": mean(pas_ok, lambda p: p["throughput_rps"]),
+        "pa_rounds_rps": per_round(pas_ok, lambda p: p["throughput_rps"]),
+        "pa_rounds_steal": per_round(pas_ok, lambda p: p.get("steal_share")),
+        "pa_p50_ms": mean(pas_ok, lambda p: p["p50_ms"]),
         "pa_error": next((p["error"] for p in pas if p and "error" in p), None),
-        "h2_rps": _mean([h["throughput_rps"] for h in h2s]),
-        "h2_rounds_rps": [h["throughput_rps"] for h in h2s],
-        "h2_rounds_steal": [h.get("steal_share") for h in h2s],
-        "h2_p50_ms": _mean([h["latency_ms"]["p50"] for h in h2s]),
-        "h2_errors": sum(h["errors"] for h in h2s),
+        "h2_rps": mean(h2s, lambda h: h["throughput_rps"]),
+        "h2_rounds_rps": per_round(h2s, lambda h: h["throughput_rps"]),
+        "h2_rounds_steal": per_round(h2s, lambda h: h.get("steal_share")),
+        "h2_p50_ms": mean(h2s, lambda h: h["latency_ms"]["p50"]),
+        "h2_errors": sum(h["errors"] for h in h2s if h),
     }
 
 
@@ -410,7 +418,7 @@ def round_ratios(kiln: dict, other: dict, rounds_key: str, steal_key: str) -> st
 
     out = []
     for i, (a, b) in enumerate(zip(kiln[rounds_key], other[rounds_key])):
-        if b:
+        if a is not None and b:
             mark = "*" if max(stolen(kiln, i), stolen(other, i)) >= STEAL_MARK else ""
             out.append(f"{a / b:.2f}x{mark}")
     return ", ".join(out)
