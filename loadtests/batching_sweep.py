@@ -21,7 +21,9 @@ On a noisy machine many short rounds judge better than a few long ones: the reco
 `--repeat 7 --duration 2 --warmup 0.5 --ceiling-duration 3` (docs/BENCHMARKS.md).
 
 `--generator h2load` drives the same steps with h2load (loadtests/h2load.py, C) instead of
-`kiln bench`: on 2 cores it leaves the server ~0.1-0.5 of a core more. `--workers N`
+`kiln bench`: on 2 cores it leaves the server ~0.1-0.5 of a core more. `--generator kiln-bench-stream`
+sends the same closed loop over ModelStreamInfer streams (`kiln bench --streaming`, one request in
+flight per stream), which costs the Python client much less per request than unary calls. `--workers N`
 serves with `kiln serve --workers N` (each worker batches on its own, with its share of
 the cores for ORT); the ceiling stays ORT alone with the config's own threads.
 `--runtime-nice N` serves with `kiln serve --runtime-nice N` (the runtime's threads below the
@@ -266,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default: 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per step (default: 1)")
     ap.add_argument("--processes", type=int, default=1, help="kiln bench client processes (default: 1)")
-    ap.add_argument("--generator", choices=("kiln-bench", "h2load"), default="kiln-bench",
-                    help="load generator (default: kiln-bench)")
+    ap.add_argument("--generator", choices=("kiln-bench", "kiln-bench-stream", "h2load"), default="kiln-bench",
+                    help="load generator; kiln-bench-stream is kiln bench --streaming (default: kiln-bench)")
     ap.add_argument("--connections", type=int, default=None,
                     help="connections in all (default: one per kiln bench process; 8 for h2load)")
     ap.add_argument("--workers", type=int, default=1, help="kiln serve --workers (default: 1)")
@@ -315,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                             else:
                                 cfg = BenchConfig(url=f"127.0.0.1:{port}", model=variant, concurrency=[c], duration_s=args.duration,
                                                   warmup_s=args.warmup, processes=args.processes,
-                                                  connections=args.connections or 0)
-                                step = run_bench(cfg, progress=False)["steps"][0]
+                                                  connections=args.connections or 0,
+                                                  streaming=args.generator == "kiln-bench-stream")
+                                bench = run_bench(cfg, progress=False)
+                                report.setdefault("bench_config", bench["config"])  # the client as it ran
+                                step = bench["steps"][0]
                             # warm-up included: a rate over the whole step, which is all at this load
                             step["server_cpu_cores"] = threadcpu.cpu_split(cpu_before, threadcpu.sample(server.pid),
                                                                            time.monotonic() - started)

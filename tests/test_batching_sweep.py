@@ -9,21 +9,27 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import BUNDLED_REPO, REPO_ROOT
 from loadtests import threadcpu
 
 CONCURRENCY = (1, 8)
 
 
-def test_short_sweep_reports_every_step_with_its_server_cpu(tmp_path):
+@pytest.mark.parametrize("generator", ["kiln-bench", "kiln-bench-stream"])
+def test_short_sweep_reports_every_step_with_its_server_cpu(tmp_path, generator):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.batching_sweep", "--source", str(BUNDLED_REPO), "--models", "mlp",
-         "--concurrency", ",".join(map(str, CONCURRENCY)), "--duration", "1", "--warmup", "0.3", "--out", str(out)],
+         "--concurrency", ",".join(map(str, CONCURRENCY)), "--duration", "1", "--warmup", "0.3", "--out", str(out),
+         "--generator", generator],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: a target missed in so short a run
     report = json.loads(next(out.glob("batching_sweep-*.json")).read_text())
+    assert report["generator"] == generator
+    assert report["bench_config"]["streaming"] == (generator == "kiln-bench-stream")
     for variant in ("mlp", "mlp_nobatch"):
         assert sorted(report["results"][variant]) == sorted(str(c) for c in CONCURRENCY)
         for step in report["results"][variant].values():
