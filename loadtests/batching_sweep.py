@@ -189,10 +189,16 @@ def evaluate(results: dict, models_info: dict, ceilings: dict) -> list[dict]:
     return checks
 
 
+def _most_steal(step: dict) -> str:
+    """The largest share of the CPU the hypervisor took in any round of a step (steal.py), as text."""
+    shares = [v for v in step.get("repeats_steal", [step.get("steal_share")]) if v is not None]
+    return f"{max(shares):.0%}" if shares else "n/a"
+
+
 def markdown(report: dict) -> str:
     lines = ["| model | c | batching items/s | no-batching items/s | ratio | p50 ms on / off | p99 ms on / off | avg batch on "
-             "| client CPU | server CPU on: loop / instances / other |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| client CPU | server CPU on: loop / instances / other | most steal of a round on / off |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in report["models"]:
         for c in report["concurrency"]:
             on = report["results"][model][str(c)]
@@ -204,7 +210,8 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {model} | {c} | {on['throughput_items_per_s']:.0f} | {off['throughput_items_per_s']:.0f} | {ratio:.2f}x | "
                 f"{on['latency_ms']['p50']:.2f} / {off['latency_ms']['p50']:.2f} | {on['latency_ms']['p99']:.2f} / {off['latency_ms']['p99']:.2f} | "
-                f"{batch:.1f} | {on['client']['cpu_cores']:.2f} | {cpu_text} |" if batch is not None else f"| {model} | {c} | ... |"
+                f"{batch:.1f} | {on['client']['cpu_cores']:.2f} | {cpu_text} | {_most_steal(on)} / {_most_steal(off)} |"
+                if batch is not None else f"| {model} | {c} | ... |"
             )
     lines.append("")
     for model, runs in report["ceilings"].items():
@@ -335,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = dict(ranked[(len(ranked) - 1) // 2])
                 chosen["repeats_items_per_s"] = [s["throughput_items_per_s"] for s in steps]
                 chosen["repeats_p50_ms"] = [s["latency_ms"]["p50"] for s in steps]
+                chosen["repeats_steal"] = [s.get("steal_share") for s in steps]
                 report["results"].setdefault(variant, {})[str(c)] = chosen
         finally:
             server.terminate()

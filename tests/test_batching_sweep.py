@@ -34,6 +34,7 @@ def test_short_sweep_reports_every_step_with_its_server_cpu(tmp_path, generator)
         assert sorted(report["results"][variant]) == sorted(str(c) for c in CONCURRENCY)
         for step in report["results"][variant].values():
             assert step["error_count"] == 0 and step["ok"] > 0
+            assert [0 <= share <= 1 for share in step["repeats_steal"]] == [True]  # one round, steal measured
             cpu = step["server_cpu_cores"]
             assert set(cpu) == {*threadcpu.ROLES, "total"}
             assert cpu["event_loop"] > 0, cpu  # every call passes the event loop
@@ -42,7 +43,7 @@ def test_short_sweep_reports_every_step_with_its_server_cpu(tmp_path, generator)
     assert any(t.startswith("mlp c=1:") for t in targets) and any(t.startswith("mlp c=8:") for t in targets)
     assert (proc.returncode == 0) == all(check["pass"] for check in report["checks"])
     table = next(out.glob("batching_sweep-*.md")).read_text()
-    assert "server CPU on: loop / instances / other" in table
+    assert "server CPU on: loop / instances / other" in table and "most steal of a round" in table
     assert table.count("| mlp |") == len(CONCURRENCY)
     assert next(out.glob("batching_sweep-*.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
