@@ -22,7 +22,8 @@ with DIR made by `python -m export.make_zoo --model-repository DIR --only resnet
 Targets (issue "Load tests and benchmarks"): mlp c=16 kiln >= 2x PyTriton and >= 4x MLServer;
 p50 at c=1 <= half of MLServer's; mlp_wide c=64 kiln >= 1.5x PyTriton.
 Output in --out: peers-STAMP.json (every round), .md (the table and verdicts), .png (bars per
-server and generator at the judged concurrency; `--replot REPORT.json` redraws a recorded one).
+server and generator at the judged concurrency; `--replot REPORT.json` judges a recorded one again and
+rewrites its checks, .md and .png).
 """
 
 from __future__ import annotations
@@ -290,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers, order reversed every other round (default: 2)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "loadtests" / "results")
     ap.add_argument("--replot", type=Path, metavar="REPORT.json",
-                    help="measure nothing: draw a recorded report's plot as REPORT.png")
+                    help="measure nothing: judge a recorded report's rounds again with this version's rules, "
+                         "and rewrite its checks, REPORT.md and REPORT.png")
     args = ap.parse_args(argv)
     if args.replot:
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        publish(json.loads(args.replot.read_text()), args.replot)
         return 0
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -339,16 +341,20 @@ def main(argv: list[str] | None = None) -> int:
                 if disturbed:
                     entry.setdefault("disturbed_rounds", []).extend(disturbed)
     report["machine"]["loadavg_end"] = os.getloadavg()
+    publish(report, args.out / f"peers-{stamp}.json")
+    return 0
+
+
+def publish(report: dict, path: Path) -> None:
+    """Judge the report's rounds, write it (JSON at path, .md and .png beside it) and print the table."""
     report["checks"] = [check for kiln in ("kiln", "kiln-w2") if kiln in report["servers"] for check in checks(report, kiln)]
-    path = args.out / f"peers-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out / f"peers-{stamp}.md").write_text(text + "\n")
-    plot(report, args.out / f"peers-{stamp}.png")
+    path.with_suffix(".md").write_text(text + "\n")
+    plot(report, path.with_suffix(".png"))
     print()
     print(text)
     print(f"\nreport: {path}")
-    return 0
 
 
 def _mean(values: list) -> float | None:
@@ -356,17 +362,37 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+# a kiln bench or h2load step in which more than this share of the calls failed measured a broken server
+# (e.g. one that crashed mid-step), not its speed: it is left out of the means and ratios, and named
+FAILED_CALLS_MARK = 0.01
+
+
+def failed_calls(step: dict) -> tuple[int, int]:
+    """(failed, all) calls of a kiln bench step (error_count) or an h2load step (errors)."""
+    failed = step["error_count"] if "error_count" in step else step["errors"]
+    return failed, step["ok"] + failed
+
+
+def _broken(step: dict | None) -> bool:
+    if not step:
+        return False
+    failed, calls = failed_calls(step)
+    return failed > FAILED_CALLS_MARK * calls if calls else True
+
+
 def summary(report: dict, server: str, c: int) -> dict | None:
     """Means over rounds, for one server and c: kiln bench's throughput and percentiles, perf_analyzer's, h2load's.
-    The per-round lists keep one entry per round (None where that generator failed or did not run), so
-    round i of one server is paired with round i of another even when a round failed on one side."""
+    The per-round lists keep one entry per round (None where that generator failed, did not run, or measured a
+    broken server), so round i of one server is paired with round i of another even when one side failed."""
     rounds = report["servers"].get(server, {}).get("rounds", [])
-    steps = [r["bench"].get(str(c)) for r in rounds]
-    if not any(steps):
+    measured = [r["bench"].get(str(c)) for r in rounds]
+    if not any(measured):
         return None
+    steps = [None if _broken(s) else s for s in measured]
     pas = [r["perf_analyzer"].get(str(c)) for r in rounds]
     pas_ok = [p if p and "error" not in p else None for p in pas]
-    h2s = [r.get("h2load", {}).get(str(c)) or None for r in rounds]
+    h2_measured = [r.get("h2load", {}).get(str(c)) or None for r in rounds]
+    h2s = [None if _broken(h) else h for h in h2_measured]
 
     def per_round(results: list, pick: Callable[[dict], float | None]) -> list:
         return [pick(x) if x else None for x in results]
@@ -374,10 +400,14 @@ def summary(report: dict, server: str, c: int) -> dict | None:
     def mean(results: list, pick: Callable[[dict], float | None]) -> float | None:
         return _mean(per_round(results, pick))
 
+    def broken_rounds(results: list) -> list[int]:
+        return [i + 1 for i, x in enumerate(results) if _broken(x)]
+
     return {
         "throughput_rps": mean(steps, lambda s: s["throughput_rps"]),
         "rounds_rps": per_round(steps, lambda s: s["throughput_rps"]),
         "rounds_steal": per_round(steps, lambda s: s.get("steal_share")),
+        "rounds_broken": broken_rounds(measured),
         "p50_ms": mean(steps, lambda s: s["latency_ms"]["p50"]),
         "p99_ms": mean(steps, lambda s: s["latency_ms"]["p99"]),
         "avg_batch": mean(steps, lambda s: (s["server"] or {}).get("avg_batch")),
@@ -386,22 +416,47 @@ def summary(report: dict, server: str, c: int) -> dict | None:
         "pa_rounds_steal": per_round(pas_ok, lambda p: p.get("steal_share")),
         "pa_p50_ms": mean(pas_ok, lambda p: p["p50_ms"]),
         "pa_error": next((p["error"] for p in pas if p and "error" in p), None),
+        "pa_rounds_failed": [i + 1 for i, p in enumerate(pas) if p and "error" in p],
         "h2_rps": mean(h2s, lambda h: h["throughput_rps"]),
         "h2_rounds_rps": per_round(h2s, lambda h: h["throughput_rps"]),
         "h2_rounds_steal": per_round(h2s, lambda h: h.get("steal_share")),
+        "h2_rounds_broken": broken_rounds(h2_measured),
         "h2_p50_ms": mean(h2s, lambda h: h["latency_ms"]["p50"]),
         "h2_errors": sum(h["errors"] for h in h2s if h),
     }
+
+
+def broken_steps(report: dict, server: str, c: int) -> list[str]:
+    """One line per kiln bench or h2load step of `server` at c whose calls failed (FAILED_CALLS_MARK)."""
+    out = []
+    for i, r in enumerate(report["servers"].get(server, {}).get("rounds", []), 1):
+        for generator, step in (("kiln bench", r["bench"].get(str(c))), ("h2load", r.get("h2load", {}).get(str(c)))):
+            if _broken(step):
+                failed, calls = failed_calls(step)
+                statuses = step.get("errors") if isinstance(step.get("errors"), dict) else None
+                out.append(f"{server}, round {i}, {generator} c={c}: {failed} of {calls} calls failed"
+                           f"{f' {statuses}' if statuses else ''}: left out of the means and ratios")
+    return out
 
 
 # the issue's throughput targets: model -> (concurrency, [(peer prefix, factor)])
 THROUGHPUT_TARGETS = {"mlp": (16, [("pytriton", 2.0), ("mlserver", 4.0)]), "mlp_wide": (64, [("pytriton", 1.5)])}
 # the models whose c=1 p50 the issue compares with MLServer's (at most half of it)
 P50_TARGET_MODELS = ("mlp",)
-# generator -> summary keys of its throughput, per-round throughputs, p50 and per-round steal
-GENERATORS = {"kiln bench": ("throughput_rps", "rounds_rps", "p50_ms", "rounds_steal"),
-              "perf_analyzer": ("pa_rps", "pa_rounds_rps", "pa_p50_ms", "pa_rounds_steal"),
-              "h2load": ("h2_rps", "h2_rounds_rps", "h2_p50_ms", "h2_rounds_steal")}
+
+
+class GeneratorKeys(NamedTuple):
+    """summary() keys of one load generator's figures."""
+    rps: str  # mean throughput
+    rounds: str  # per-round throughputs
+    p50: str  # mean p50
+    steal: str  # per-round steal
+    broken: str | None  # rounds whose calls failed (perf_analyzer's failures are its errors instead)
+
+
+GENERATORS = {"kiln bench": GeneratorKeys("throughput_rps", "rounds_rps", "p50_ms", "rounds_steal", "rounds_broken"),
+              "perf_analyzer": GeneratorKeys("pa_rps", "pa_rounds_rps", "pa_p50_ms", "pa_rounds_steal", None),
+              "h2load": GeneratorKeys("h2_rps", "h2_rounds_rps", "h2_p50_ms", "h2_rounds_steal", "h2_rounds_broken")}
 # a round in which the hypervisor took at least this share of the machine's CPU time (steal.py)
 # from either side's measurement is marked: its ratio says more about the neighbours than the servers
 STEAL_MARK = 0.05
@@ -431,22 +486,34 @@ def checks(report: dict, kiln: str = "kiln") -> list[dict]:
     kiln_c, kiln1 = summary(report, kiln, c), summary(report, kiln, 1)
     mlservers = [s for s in report["servers"] if s.startswith("mlserver") and report["model"] in P50_TARGET_MODELS]
     peers = [(name, factor) for prefix, factor in targets for name in report["servers"] if name.startswith(prefix)]
-    for generator, (rps, rounds, p50, steal) in GENERATORS.items():
+    for generator, keys in GENERATORS.items():
         for peer, factor in peers:
             other = summary(report, peer, c)
-            if kiln_c and other and kiln_c[rps] and other[rps]:
-                ratio = kiln_c[rps] / other[rps]
-                per_round = round_ratios(kiln_c, other, rounds, steal)
+            if kiln_c and other and kiln_c[keys.rps] and other[keys.rps]:
+                ratio = kiln_c[keys.rps] / other[keys.rps]
+                measured = f"{ratio:.2f}x (rounds: {round_ratios(kiln_c, other, keys.rounds, keys.steal)})"
                 out.append({"target": f"c={c} throughput ({generator}) {kiln} >= {factor:g}x {peer}",
-                            "measured": f"{ratio:.2f}x (rounds: {per_round})", "pass": ratio >= factor})
+                            **_with_broken_rounds(measured, ratio >= factor, kiln_c, other, kiln, peer, keys)})
         for peer in mlservers:
             other = summary(report, peer, 1)
-            if kiln1 and other and kiln1[p50] and other[p50]:
-                share = kiln1[p50] / other[p50]
+            if kiln1 and other and kiln1[keys.p50] and other[keys.p50]:
+                share = kiln1[keys.p50] / other[keys.p50]
+                measured = f"{share * 100:.0f}% ({kiln1[keys.p50]:.2f} vs {other[keys.p50]:.2f} ms)"
                 out.append({"target": f"c=1 p50 ({generator}) {kiln} <= 50% of {peer}",
-                            "measured": f"{share * 100:.0f}% ({kiln1[p50]:.2f} vs {other[p50]:.2f} ms)",
-                            "pass": share <= 0.5})
+                            **_with_broken_rounds(measured, share <= 0.5, kiln1, other, kiln, peer, keys)})
     return out
+
+
+def _with_broken_rounds(measured: str, met: bool, kiln_row: dict, peer_row: dict, kiln: str, peer: str,
+                        keys: GeneratorKeys) -> dict:
+    """A verdict that names the rounds left out because calls failed; kiln failing calls fails the target."""
+    kiln_broken = kiln_row[keys.broken] if keys.broken else []
+    peer_broken = peer_row[keys.broken] if keys.broken else []
+    if peer_broken:
+        measured += f"; {peer}'s round(s) {', '.join(map(str, peer_broken))} left out: its calls failed"
+    if kiln_broken:
+        measured += f"; {kiln}'s calls failed in round(s) {', '.join(map(str, kiln_broken))}"
+    return {"measured": measured, "pass": met and not kiln_broken}
 
 
 def markdown(report: dict) -> str:
@@ -460,15 +527,19 @@ def markdown(report: dict) -> str:
     errors = []
     for name in report["servers"]:
         rows = [summary(report, name, c) for c in cs]
+        errors += [line for c in cs for line in broken_steps(report, name, c)]
         if not any(rows):
             lines.append(f"| {name} | failed |")
             continue
         cells = [name]
-        cells += [f"{r['throughput_rps']:.0f}" if r else "-" for r in rows]
-        cells += [f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}" if r else "-" for r in rows]
-        for r in rows:
+        cells += [f"{r['throughput_rps']:.0f}" if r and r["throughput_rps"] is not None else "-" for r in rows]
+        cells += [f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}" if r and r["p50_ms"] is not None else "-" for r in rows]
+        for c, r in zip(cs, rows):
             if r and r["pa_rps"] is not None:
                 cells.append(f"{r['pa_rps']:.0f} ({r['pa_p50_ms']:.2f})")
+                if r["pa_rounds_failed"]:
+                    errors.append(f"perf_analyzer c={c}, {name}: failed in round(s) "
+                                  f"{', '.join(map(str, r['pa_rounds_failed']))} (the first: {r['pa_error']})")
             else:
                 cells.append("n/a" if r and r["pa_error"] else "-")
                 if r and r["pa_error"]:
@@ -497,11 +568,11 @@ def plotted_concurrency(report: dict) -> int:
 def plot_data(report: dict, c: int) -> dict[str, dict[str, float]]:
     """generator -> server -> mean req/s at concurrency c, where measured."""
     out: dict[str, dict[str, float]] = {}
-    for generator, (rps, *_) in GENERATORS.items():
+    for generator, keys in GENERATORS.items():
         for name in report["servers"]:
             row = summary(report, name, c)
-            if row and row[rps]:
-                out.setdefault(generator, {})[name] = row[rps]
+            if row and row[keys.rps]:
+                out.setdefault(generator, {})[name] = row[keys.rps]
     return out
 
 
