@@ -281,6 +281,12 @@ def test_kiln_failing_calls_fails_the_target_however_fast_its_other_rounds():
     data["servers"]["kiln-w2"]["rounds"][0]["bench"]["64"] = step(5000, 10, failed={"RESOURCE_EXHAUSTED": 600})
     check = by_target(compare.checks(data, "kiln-w2"))["c=64 throughput (kiln bench) kiln-w2 >= 1.5x pytriton"]
     assert not check["pass"] and check["measured"].endswith("kiln-w2's calls failed in round(s) 1")
+    # every round broken: still a verdict, not a silent gap
+    for rnd in data["servers"]["kiln-w2"]["rounds"]:
+        rnd["bench"]["64"] = step(100, 10, failed={"UNAVAILABLE": 5000})
+    check = by_target(compare.checks(data, "kiln-w2"))["c=64 throughput (kiln bench) kiln-w2 >= 1.5x pytriton"]
+    assert not check["pass"] and check["measured"].startswith("no round of kiln's without failed calls")
+    data = crashed_peer_report()
     # a failed call or two in a long step (<= 1%) is reported by kiln bench but does not void the step
     data["servers"]["kiln-w2"]["rounds"][0]["bench"]["64"] = step(1638, 34, failed={"DEADLINE_EXCEEDED": 2})
     assert by_target(compare.checks(data, "kiln-w2"))["c=64 throughput (kiln bench) kiln-w2 >= 1.5x pytriton"]["pass"]
