@@ -465,17 +465,13 @@ STEAL_NOTE = (f"*: the hypervisor took >= {STEAL_MARK:.0%} of the machine's CPU 
 
 
 def round_ratios(kiln: dict, other: dict, rounds_key: str, steal_key: str) -> str:
-    """'2.10x, 0.35x*': kiln's throughput over the peer's, round by round; * marks a round with steal."""
-
-    def stolen(summary_row: dict, i: int) -> float:
-        values = summary_row.get(steal_key) or []
-        return (values[i] if i < len(values) else None) or 0.0
-
+    """'2.10x, 0.35x*': kiln's throughput over the peer's, round by round; * marks a round with steal.
+    summary() keeps one entry per round in both lists, so index i is round i on either side."""
     out = []
     for i, (a, b) in enumerate(zip(kiln[rounds_key], other[rounds_key])):
         if a is not None and b:
-            mark = "*" if max(stolen(kiln, i), stolen(other, i)) >= STEAL_MARK else ""
-            out.append(f"{a / b:.2f}x{mark}")
+            stolen = max(kiln[steal_key][i] or 0.0, other[steal_key][i] or 0.0)
+            out.append(f"{a / b:.2f}x{'*' if stolen >= STEAL_MARK else ''}")
     return ", ".join(out)
 
 
