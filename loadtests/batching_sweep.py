@@ -55,7 +55,8 @@ from loadtests.bench.inprocess import run_in_process  # noqa: E402
 from loadtests import h2load, threadcpu  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench, stats_snapshot  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
-from loadtests.readiness import wait_ready  # noqa: E402
+from loadtests import serve_process  # noqa: E402
+from loadtests.serve_process import serve_command  # noqa: E402
 from server.config import read_config_file  # noqa: E402
 
 CEILING_BATCH = 64
@@ -105,16 +106,9 @@ def start_server(repo: Path, port: int, log_path: Path, workers: int = 1, cwd: P
                  wrap: Callable[[list[str]], list[str]] | None = None, extra: Sequence[str] = ()) -> subprocess.Popen:
     """`kiln serve` of the checkout at `cwd` on `repo` (plus the flags in `extra`), returned once every
     worker says it is ready. `wrap` turns the command into the one to run (e.g. under a profiler)."""
-    command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-               "--metrics-port", "-1", "--grace-period", "5", "--workers", str(workers), *extra]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(wrap(command) if wrap else command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-    try:
-        wait_ready(f"127.0.0.1:{port}", proc, workers=workers, log_path=log_path)
-    except RuntimeError:
-        proc.terminate()
-        raise
-    return proc
+    command = serve_command(repo, port, -1, "--grace-period", "5", "--workers", str(workers), *extra)
+    return serve_process.start(wrap(command) if wrap else command, log_path, f"127.0.0.1:{port}", workers=workers,
+                               cwd=cwd)
 
 
 def h2load_step(workload: h2load.Workload, stub, concurrency: int, args) -> dict:
@@ -345,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen["repeats_steal"] = [s.get("steal_share") for s in steps]
                 report["results"].setdefault(variant, {})[str(c)] = chosen
         finally:
-            server.terminate()
-            server.wait(30)
+            serve_process.stop(server, 30)
     report["machine"]["loadavg_end"] = os.getloadavg()
     int_results = {m: {int(c): s for c, s in r.items()} for m, r in report["results"].items()}
     report["checks"] = evaluate(int_results, report["model_info"], report["ceilings"])

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # the generated stubs live in the server package
 
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.readiness import wait_ready  # noqa: E402
+from loadtests.serve_process import serve_command, stop_all  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -92,8 +93,7 @@ class Servers(contextlib.ExitStack):
         shutil.copytree(ROOT / "model_repo" / MODEL, repo / MODEL)
         self.ports = {"kiln": free_port(), "floor": free_port()}
         commands = {
-            "kiln": [sys.executable, "-m", "server", "serve", "--model-repository", str(repo),
-                     "--grpc-port", str(self.ports["kiln"]), "--metrics-port", str(free_port())],
+            "kiln": serve_command(repo, self.ports["kiln"], free_port()),
             "floor": [sys.executable, str(ROOT / "loadtests" / "floor_server.py"),
                       "--model", str(repo / MODEL / "1" / "model.onnx"), "--port", str(self.ports["floor"])],
         }
@@ -108,15 +108,7 @@ class Servers(contextlib.ExitStack):
             wait_ready(f"127.0.0.1:{self.ports[name]}", proc, timeout=timeout_s, log_path=self.tmp / f"{name}.log")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.procs.values(), timeout_s=15)
 
 
 def percentiles(latencies_ns: list[int]) -> dict[str, float]:

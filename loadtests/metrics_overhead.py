@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from loadtests import threadcpu  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.readiness import wait_ready  # noqa: E402
+from loadtests import serve_process  # noqa: E402
+from loadtests.serve_process import serve_command  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -97,9 +98,8 @@ class Server:
         self.port = free_port()
         self.metrics_port = free_port() if metrics else -1
         self.url = f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repo),
-                   "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port),
-                   "--allow-metrics", "true" if metrics else "false", "--log-level", "WARNING"]
+        command = serve_command(repo, self.port, self.metrics_port,
+                                "--allow-metrics", "true" if metrics else "false", "--log-level", "WARNING")
         self.command = " ".join(command[1:])
         self.proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -107,12 +107,7 @@ class Server:
         wait_ready(self.url, self.proc, timeout=timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        serve_process.stop(self.proc, timeout_s=15)
 
 
 def measure(server: Server, args) -> dict:

@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -60,6 +59,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from loadtests import h2load  # noqa: E402
+from loadtests.checks import conclude  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
 from loadtests.replicas import Nginx, start_replicas  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
@@ -343,13 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             nginx.stop()
         report["server_exit_code"] = server.stop()
     verdicts.append((f"server exited {report['server_exit_code']} on SIGTERM", report["server_exit_code"] == 0))
-    report["checks"] = [{"check": text, "passed": ok} for text, ok in verdicts]
-    print("\nchecks:")
-    for text, ok in verdicts:
-        print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0 if all(ok for _, ok in verdicts) else 1
+    return conclude(report, verdicts, args.json)
 
 
 if __name__ == "__main__":

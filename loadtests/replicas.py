@@ -41,7 +41,9 @@ import numpy as np  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
+from loadtests import serve_process  # noqa: E402
 from loadtests.readiness import wait_ready  # noqa: E402
+from loadtests.serve_process import serve_command  # noqa: E402
 from server.client import connect  # noqa: E402
 from server.protocol import grpc_service_pb2 as pb  # noqa: E402
 from server.protocol import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -88,13 +90,7 @@ class Nginx:
         wait_listening(self.port, self.process, self.log_path)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)  # graceful: finish the calls in flight
-            try:
-                self.process.wait(EXIT_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        serve_process.stop(self.process, EXIT_TIMEOUT_S, signal.SIGQUIT)  # SIGQUIT: finish the calls in flight
         self._log.close()
 
 
@@ -147,12 +143,7 @@ class Replica:
 
     def terminate(self) -> int:
         """SIGTERM (graceful drain) and the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return serve_process.stop(self.process, EXIT_TIMEOUT_S)
 
 
 def start_replicas(count: int, repository: Path, model: str, workdir: Path, grace_s: float = 30.0,
@@ -162,15 +153,12 @@ def start_replicas(count: int, repository: Path, model: str, workdir: Path, grac
     for _ in range(count):
         port, metrics_port = free_port(), free_port()
         log_path = workdir / f"replica-{port}.log"
+        command = serve_command(repository, port, metrics_port, "--model-control-mode", "explicit", "--load-model", model,
+                                "--grace-period", str(grace_s), "--log-level", "WARNING", *extra_args)
         with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "server", "serve", "--model-repository", str(repository),
-                 "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--model-control-mode", "explicit",
-                 "--load-model", model, "--grace-period", str(grace_s), "--log-level", "WARNING", *extra_args],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-            )
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         replicas.append(Replica(port, metrics_port, process, log_path))
-    try:
+    try:  # started together, waited for in turn: their start-ups overlap
         for replica in replicas:
             wait_ready(replica.url, replica.process, model=model, timeout=READY_TIMEOUT_S, log_path=replica.log_path)
     except BaseException:
@@ -181,20 +169,7 @@ def start_replicas(count: int, repository: Path, model: str, workdir: Path, grac
 
 def stop_replicas(replicas: list[Replica]) -> list[int | None]:
     """SIGTERM every replica still running, then wait: their exit codes (None: was already gone)."""
-    running = [r for r in replicas if r.process.poll() is None]
-    for replica in running:
-        replica.process.send_signal(signal.SIGTERM)
-    codes = []
-    for replica in replicas:
-        if replica not in running:
-            codes.append(None)
-            continue
-        try:
-            codes.append(replica.process.wait(EXIT_TIMEOUT_S))
-        except subprocess.TimeoutExpired:
-            replica.process.kill()
-            codes.append(replica.process.wait())
-    return codes
+    return serve_process.stop_all([r.process for r in replicas], EXIT_TIMEOUT_S)
 
 
 def round_robin_target(replicas: list[Replica]) -> str:

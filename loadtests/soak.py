@@ -25,6 +25,7 @@ import psutil
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from loadtests.checks import conclude  # noqa: E402
 from loadtests.overload import KilnProcess, make_request, run_load  # noqa: E402
 
 
@@ -43,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     server = KilnProcess(args.model_dir, 0)
-    proc = psutil.Process(server.process.pid)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     started = time.monotonic()
@@ -54,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             stop.wait(args.sample_secs)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     duration = args.minutes * 60
     request = make_request(args.model_dir.name, args.width, args.rows)
     rows_total = []
     try:
+        proc = psutil.Process(server.replica.process.pid)
+        sampler.start()
         with mp.get_context("spawn").Pool(args.processes) as pool:
             chunk = 30.0  # load in chunks, so progress shows
             while (elapsed := time.monotonic() - started) < duration:
@@ -68,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 ok = sum(1 for _, _, code in rows if code == "OK")
                 print(f"{time.monotonic() - started:6.0f} s  {ok / step:7.0f} req/s  failures "
                       f"{len(rows) - ok}  RSS {samples[-1][1] / 2**20:.1f} MiB", flush=True)
-    finally:
+    finally:  # the server is stopped however the load ended
         stop.set()
-        sampler.join()
+        if sampler.is_alive():
+            sampler.join()
         exit_code = server.stop()
 
     t = np.array([s[0] for s in samples])
@@ -93,13 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [(f"RSS growth after warm-up {growth * 100:+.2f}% < 5%", growth < 0.05),
               (f"{failures} failed requests of {len(rows_total)}", failures == 0),
               (f"server exited {exit_code} on SIGTERM", exit_code == 0)]
-    report["checks"] = [{"check": c, "passed": p} for c, p in checks]
     print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=1))
-    for text, passed in checks:
-        print(f"  [{'PASS' if passed else 'FAIL'}] {text}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0 if all(p for _, p in checks) else 1
+    return conclude(report, checks, args.json)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import argparse
 import datetime as dt
 import io
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,8 @@ from loadtests import h2load  # noqa: E402
 from loadtests.bench import report as rp  # noqa: E402
 from loadtests.bench.runner import BenchConfig, run_bench  # noqa: E402
 from loadtests.ports import free_port  # noqa: E402
-from loadtests.readiness import wait_ready  # noqa: E402
+from loadtests import serve_process  # noqa: E402
+from loadtests.serve_process import serve_command  # noqa: E402
 
 
 def server_cpu_s(metrics_port: int) -> float:
@@ -65,15 +64,13 @@ def run_one(workers: int, event_loop: str, nice: int, args, out_dir: Path) -> li
     port, metrics_port = free_port(), free_port()
     url = f"127.0.0.1:{port}"
     log_path = out_dir / f"serve-w{workers}-{event_loop}-n{nice}-{port}.log"
-    cmd = [sys.executable, "-m", "server", "serve", "--workers", str(workers), "--grpc-port", str(port),
-           "--metrics-port", str(metrics_port), "--model-repository", str(args.model_repository),
-           "--model-control-mode", "explicit", "--load-model", args.model, "--log-level", "WARNING",
-           "--event-loop", event_loop, "--runtime-nice", str(nice)]
-    with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="kiln-workers-") as workdir:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    cmd = serve_command(args.model_repository, port, metrics_port, "--workers", str(workers),
+                        "--model-control-mode", "explicit", "--load-model", args.model, "--log-level", "WARNING",
+                        "--event-loop", event_loop, "--runtime-nice", str(nice))
+    with tempfile.TemporaryDirectory(prefix="kiln-workers-") as workdir:
+        proc = serve_process.start(cmd, log_path, url, model=args.model, workers=workers, timeout=60)
         steps = []
         try:
-            wait_ready(url, proc, model=args.model, workers=workers, timeout=60, log_path=log_path)
             for concurrency in args.concurrency:
                 cpu_before, t0 = server_cpu_s(metrics_port), time.monotonic()
                 step = measure(url, concurrency, args, Path(workdir))
@@ -82,12 +79,7 @@ def run_one(workers: int, event_loop: str, nice: int, args, out_dir: Path) -> li
                             server_cpu_cores=(cpu_after - cpu_before) / (t1 - t0))
                 steps.append(step)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+            code = serve_process.stop(proc, 60)
             if code != 0:
                 print(f"  workers {workers}, {event_loop}, nice {nice}: server exit code {code} (log {log_path})", file=sys.stderr)
     return steps
