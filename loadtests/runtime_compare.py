@@ -47,11 +47,24 @@ def build(work: Path, models: list[str]) -> Path:
     return repo
 
 
-def feeds_for(name: str, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    if name.startswith("resnet"):
-        return {"image": rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)}
-    ids = rng.integers(0, 1000, (batch, SEQ_LEN), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+def feeds_for(config_path: Path, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random inputs of the model's declared types: float inputs normal, integer ones token ids below
+    1000 (masks all ones), each variable dim SEQ_LEN long."""
+    from server.config import read_config_file
+    from server.datatypes import NUMPY_DTYPES, config_type_to_datatype
+    from server.protocol import model_config_pb2 as mc
+
+    feeds = {}
+    for tensor in read_config_file(config_path).input:
+        shape = (batch, *(SEQ_LEN if d == -1 else d for d in tensor.dims))
+        dtype = NUMPY_DTYPES[config_type_to_datatype(mc.DataType.Name(tensor.data_type))]
+        if np.issubdtype(dtype, np.floating):
+            feeds[tensor.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in tensor.name:
+            feeds[tensor.name] = np.ones(shape, dtype)
+        else:
+            feeds[tensor.name] = rng.integers(0, 1000, shape).astype(dtype)
+    return feeds
 
 
 def runners(repo: Path, name: str, threads: int):
@@ -116,7 +129,10 @@ def _cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/kiln-runtime-compare"))
-    ap.add_argument("--models", nargs="+", default=["resnet18", "transformer"])
+    from export.make_zoo import ZOO
+
+    ap.add_argument("--models", nargs="+", default=["resnet18", "transformer"], choices=sorted(ZOO), metavar="MODEL",
+                    help=f"zoo models (default: resnet18 transformer; any of {', '.join(sorted(ZOO))})")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per runtime and case")
     ap.add_argument("--threads", type=int, default=1,
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         fns = runners(repo, name, args.threads)
         for batch in args.batch_sizes:
-            feeds = feeds_for(name, batch, rng)
+            feeds = feeds_for(repo / name / "config.pbtxt", batch, rng)
             times = measure(fns, feeds, args.seconds)
             base = statistics.median(times["pytorch-eager"])
             for label, ts in times.items():

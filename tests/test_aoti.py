@@ -172,3 +172,22 @@ def test_compile_errors(aoti_repo: Path, tmp_path: Path, capsys) -> None:
     assert kiln(["compile", "mlp", "--target", "aoti", "--model-repository", str(repo)]) == 1
     assert "export.json is missing" in capsys.readouterr().err
     assert sorted(p.name for p in repo.iterdir()) == ["mlp"]
+
+
+def test_runtime_compare_measures_every_runtime_on_the_compiled_models(aoti_repo: Path, tmp_path: Path) -> None:
+    """loadtests/runtime_compare.py (the in-process ORT / AOTInductor / eager table of docs/BENCHMARKS.md),
+    briefly, on the models this module already built: one row per model, batch and runtime, each from
+    real calls, inputs made from each model's config (the transformer's int64 ids and mask included)."""
+    from loadtests.runtime_compare import main as runtime_compare
+
+    out = tmp_path / "compare.json"
+    args = ["--work-dir", str(aoti_repo.parent), "--models", "mlp", "transformer", "--batch-sizes", "1", "3",
+            "--seconds", "0.05", "--threads", "0", "--json", str(out)]
+    assert runtime_compare(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    expected = {(m, b, r) for m in ("mlp", "transformer") for b in (1, 3)
+                for r in ("onnxruntime-cpu", "aoti-cpu", "pytorch-eager")}
+    assert {(r["model"], r["batch"], r["runtime"]) for r in rows} == expected
+    assert all(r["calls"] >= 10 and r["median_ms"] > 0 for r in rows)
+    assert all(r["vs_eager"] == 1.0 for r in rows if r["runtime"] == "pytorch-eager")
+    assert all(r["rows_per_s"] == pytest.approx(r["batch"] / (r["median_ms"] / 1e3)) for r in rows)
