@@ -78,20 +78,21 @@ def test_split_counts_each_role_across_the_process_tree():
 
     def spin(name: str, seconds: float):
         set_native_thread_name(name)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        end = time.thread_time() + seconds  # CPU time: on a busy machine wall time would give less
+        while time.thread_time() < end:
             pass
         busy.set()
         release.wait()  # stay alive: a thread that exited is missing from the second sample
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 0.4\nwhile time.monotonic() < end: pass\ntime.sleep(30)"])
+    child_spin = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\nprint(flush=True)\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", child_spin], stdout=subprocess.PIPE)
     instance = threading.Thread(target=spin, args=("kiln-test-0", 0.4))
     started = time.monotonic()
     before = threadcpu.sample(os.getpid())
     try:
         instance.start()
-        busy.wait(10)
-        time.sleep(0.3)  # the child finishes its spin too
+        assert busy.wait(30)
+        child.stdout.readline()  # the child has spun its 0.4 s of CPU
         after = threadcpu.sample(os.getpid())
         elapsed = time.monotonic() - started
         assert child.pid in {pid for pid, _ in after}, "a child process is part of the tree"
