@@ -88,6 +88,18 @@ async def started(model: FakeModel) -> None:
     assert await asyncio.to_thread(model.started.wait, 5)
 
 
+async def held_scheduler(max_batch_size: int, config: DynamicBatchingConfig | None, first: dict | None = None,
+                         name: str = "m") -> tuple[Scheduler, FakeModel, threading.Event, asyncio.Future]:
+    """A one-instance scheduler kept busy: its first request (`first`, default x_of(0)) is executing,
+    held until the returned gate is set. Returns (scheduler, model, gate, the first request's task)."""
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    s = Scheduler(name, max_batch_size=max_batch_size, batching=config, instance_count=1, execute=model)
+    running = asyncio.ensure_future(s.submit(x_of(0) if first is None else first))
+    await started(model)
+    return s, model, gate, running
+
+
 async def until(cond, timeout: float = 5.0) -> None:
     """Let other tasks run until cond() holds (test helper only)."""
     t = time.monotonic()
@@ -245,11 +257,7 @@ def test_max_batch_size_dispatches_without_waiting_the_delay():
 
 def test_requests_queue_up_behind_a_busy_instance_and_batch_together():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=8, batching=batching(), instance_count=1, execute=model)
-        first = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, first = await held_scheduler(8, batching())
         rest = [asyncio.ensure_future(s.submit(x_of(i, rows=2))) for i in range(1, 4)]
         await asyncio.sleep(0.01)
         assert s.queue_depth == 3 and s.inflight == 4
@@ -263,11 +271,7 @@ def test_requests_queue_up_behind_a_busy_instance_and_batch_together():
 
 def test_different_shapes_are_never_mixed_and_all_served():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=8, batching=batching(), instance_count=1, execute=model)
-        first = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, first = await held_scheduler(8, batching())
         tasks = [asyncio.ensure_future(s.submit(x_of(i, width=2 + i % 2))) for i in range(1, 7)]
         tasks.append(asyncio.ensure_future(s.submit({"x": np.full((1, 2), 9, dtype=np.int32)})))
         await asyncio.sleep(0.01)
@@ -284,12 +288,8 @@ def test_different_shapes_are_never_mixed_and_all_served():
 
 def test_single_request_passes_arrays_through_and_outputs_are_views():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=8, batching=batching(), instance_count=1, execute=model)
         inp = x_of(5)
-        first = asyncio.ensure_future(s.submit(inp))
-        await started(model)
+        s, model, gate, first = await held_scheduler(8, batching(), inp)
         assert model.inputs_seen[0]["x"] is inp["x"]
         others = [asyncio.ensure_future(s.submit(x_of(i, rows=2))) for i in (6, 7)]
         await asyncio.sleep(0.01)
@@ -334,13 +334,7 @@ def test_instance_count_two_runs_two_batches_at_once_never_three():
 
 def test_priorities_higher_level_first():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=1,
-                      batching=batching(priority_levels=3, default_priority_level=2),
-                      instance_count=1, execute=model)
-        first = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, first = await held_scheduler(1, batching(priority_levels=3, default_priority_level=2))
         tasks = [asyncio.ensure_future(s.submit(x_of(m), priority=p))
                  for m, p in ((1, 3), (2, 0), (3, 1), (4, 3), (5, 1), (6, 2))]
         await asyncio.sleep(0.01)
@@ -412,13 +406,8 @@ def test_preserve_ordering_holds_when_a_fast_model_could_answer_at_the_door():
 
 def test_queue_full_is_unavailable_immediately():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("bert", max_batch_size=1,
-                      batching=batching(default_queue_policy=QueuePolicy(max_queue_size=2)),
-                      instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        bounded = batching(default_queue_policy=QueuePolicy(max_queue_size=2))
+        s, model, gate, running = await held_scheduler(1, bounded, name="bert")
         queued = [asyncio.ensure_future(s.submit(x_of(i))) for i in (1, 2)]
         await asyncio.sleep(0.01)
         coro = s.submit(x_of(3))
@@ -436,13 +425,9 @@ def test_queue_full_is_unavailable_immediately():
 
 def test_queue_full_is_per_priority_level():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
         cfg = batching(priority_levels=2, default_priority_level=2,
                        priority_queue_policy={1: QueuePolicy(max_queue_size=1)})
-        s = Scheduler("m", max_batch_size=1, batching=cfg, instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(1, cfg)
         ok = [asyncio.ensure_future(s.submit(x_of(1), priority=1)),
               asyncio.ensure_future(s.submit(x_of(2))), asyncio.ensure_future(s.submit(x_of(3)))]
         await asyncio.sleep(0.01)
@@ -457,13 +442,8 @@ def test_queue_full_is_per_priority_level():
 
 def test_reject_timeout_is_deadline_exceeded_and_never_executed():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
         policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, default_timeout_microseconds=50_000)
-        s = Scheduler("m", max_batch_size=4, batching=batching(default_queue_policy=policy),
-                      instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(4, batching(default_queue_policy=policy))
         t = time.monotonic()
         with pytest.raises(KilnError) as ei:
             await s.submit(x_of(1))
@@ -481,15 +461,10 @@ def test_reject_timeout_is_deadline_exceeded_and_never_executed():
 
 def test_delay_timeout_loses_its_place_but_still_runs():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
         # Only `a` carries a timeout (through the override), so however late the
         # loop runs, `b` can never be demoted too.
         policy = QueuePolicy(timeout_action=TimeoutAction.DELAY, allow_timeout_override=True)
-        s = Scheduler("m", max_batch_size=1, batching=batching(default_queue_policy=policy),
-                      instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(1, batching(default_queue_policy=policy))
         a = asyncio.ensure_future(s.submit(x_of(1), timeout_us=20_000))
         await asyncio.sleep(0.06)  # a's timeout passes: it goes behind b
         b = asyncio.ensure_future(s.submit(x_of(2)))
@@ -505,13 +480,8 @@ def test_delay_timeout_loses_its_place_but_still_runs():
 
 def test_timeout_override_only_when_allowed():
     async def go(allow: bool):
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
         policy = QueuePolicy(allow_timeout_override=allow)
-        s = Scheduler("m", max_batch_size=4, batching=batching(default_queue_policy=policy),
-                      instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(4, batching(default_queue_policy=policy))
         req = asyncio.ensure_future(s.submit(x_of(1), timeout_us=30_000))
         await asyncio.sleep(0.15)
         gate.set()
@@ -532,11 +502,7 @@ def test_timeout_override_only_when_allowed():
 
 def test_grpc_deadline_bounds_the_wait():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=4, batching=batching(), instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(4, batching())
         t = time.monotonic()
         with pytest.raises(KilnError) as ei:
             await s.submit(x_of(1), deadline=time.monotonic() + 0.05)
@@ -556,11 +522,7 @@ def test_grpc_deadline_bounds_the_wait():
 
 def test_deadline_applies_without_batching_too():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=0, batching=None, instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(0, None)
         with pytest.raises(KilnError) as ei:
             await s.submit(x_of(1), deadline=time.monotonic() + 0.03)
         assert ei.value.status is Status.DEADLINE_EXCEEDED
@@ -576,11 +538,7 @@ def test_deadline_applies_without_batching_too():
 
 def test_cancelled_request_leaves_the_queue_and_is_never_executed():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=4, batching=batching(), instance_count=1, execute=model)
-        running = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, running = await held_scheduler(4, batching())
         victim = asyncio.ensure_future(s.submit(x_of(1)))
         other = asyncio.ensure_future(s.submit(x_of(2)))
         await asyncio.sleep(0.01)
@@ -684,12 +642,8 @@ def test_wrong_output_rows_is_internal():
 
 def test_close_drains_queued_and_running_then_refuses():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=2, batching=batching(max_queue_delay_microseconds=5_000_000),
-                      instance_count=1, execute=model)
-        first = asyncio.ensure_future(s.submit(x_of(0, rows=2)))
-        await started(model)
+        long_delay = batching(max_queue_delay_microseconds=5_000_000)
+        s, model, gate, first = await held_scheduler(2, long_delay, x_of(0, rows=2))
         queued = [asyncio.ensure_future(s.submit(x_of(i))) for i in (1,)]
         await asyncio.sleep(0.01)
         closing = asyncio.ensure_future(s.close(drain_timeout_s=10))
@@ -709,11 +663,7 @@ def test_close_drains_queued_and_running_then_refuses():
 
 def test_close_after_timeout_fails_the_rest_unavailable():
     async def main():
-        gate = threading.Event()
-        model = FakeModel(gate=gate)
-        s = Scheduler("m", max_batch_size=1, batching=batching(), instance_count=1, execute=model)
-        first = asyncio.ensure_future(s.submit(x_of(0)))
-        await started(model)
+        s, model, gate, first = await held_scheduler(1, batching())
         queued = asyncio.ensure_future(s.submit(x_of(1)))
         await asyncio.sleep(0.01)
         await s.close(drain_timeout_s=0.1)
