@@ -1,6 +1,7 @@
 """loadtests/peers/compare.py's verdicts: each target per kiln variant and per generator, from round results.
 
-The peer servers themselves are not started here (they need their own venvs: loadtests/peers/setup.sh).
+The peer servers themselves are not started here (they need their own venvs: loadtests/peers/setup.sh);
+kiln and the floor are, in one short live run.
 """
 
 from __future__ import annotations
@@ -311,3 +312,29 @@ def test_retries_end_with_the_last_round_even_if_it_was_disturbed():
     # no steal reading (not Linux, or an old report): nothing to retry
     kept, disturbed = compare.measure_undisturbed(lambda attempt: stolen_round(None), retries=2)
     assert compare.round_steal(kept) == 0.0 and disturbed == []
+
+
+def test_a_short_live_run_measures_kiln_and_the_floor_and_publishes_them(tmp_path):
+    """The script end to end on the servers that need no peer venv: each one started, measured by kiln bench
+    in every round, stopped, and the JSON, table and plot written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.peers.compare", "--servers", "kiln,floor", "--rounds", "1", "--duration", "1",
+         "--warmup", "0.3", "--concurrency", "1,4", "--no-perf-analyzer", "--no-h2load", "--steal-retries", "0",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (report_path,) = tmp_path.glob("peers-*.json")
+    report = json.loads(report_path.read_text())
+    assert sorted(report["servers"]) == ["floor", "kiln"] and report["concurrency"] == [1, 4]
+    for name, measured in report["servers"].items():
+        (only_round,) = measured["rounds"]
+        assert "error" not in only_round, only_round.get("error")
+        for c in ("1", "4"):
+            bench = only_round["bench"][c]
+            assert bench["ok"] > 0 and bench["error_count"] == 0 and bench["ok"] == bench["sent"], (name, c)
+    kiln_step = report["servers"]["kiln"]["rounds"][0]["bench"]["4"]
+    assert kiln_step["server"]["success_count"] > 0  # kiln's own ModelStatistics moved
+    markdown = report_path.with_suffix(".md").read_text()
+    assert "| kiln |" in markdown and "| floor |" in markdown
+    assert report_path.with_suffix(".png").stat().st_size > 10_000
